@@ -1,0 +1,32 @@
+// Entry point of the extension: the op schemas and a small pybind11 module that reports what
+// was built. Kernels register themselves per backend (cpu/, cuda/); the device-agnostic op
+// bodies live in ops.cpp.
+#include <torch/extension.h>
+#include <torch/library.h>
+
+TORCH_LIBRARY(neurosens, m) {
+  m.def("_pair_stats(Tensor a, Tensor b, int channel_dim) -> Tensor");
+  m.def("_pair_grad(Tensor a, Tensor b, Tensor coef, int channel_dim) -> (Tensor, Tensor)");
+  m.def("neuron_distance(Tensor a, Tensor b, str metric=\"l1\", int channel_dim=1, bool relative=False) -> Tensor");
+  m.def(
+      "neuron_distance_per_sample(Tensor a, Tensor b, str metric=\"l1\", int channel_dim=1, bool relative=False) "
+      "-> Tensor");
+  m.def(
+      "neuron_topk(Tensor a, Tensor b, int k, str metric=\"l1\", int channel_dim=1, bool relative=False, "
+      "bool largest=True) -> (Tensor values, Tensor indices)");
+  m.def(
+      "stabilize(Tensor a, Tensor b, Tensor? indices, int k, str metric=\"cosine\", str select_metric=\"l1\", "
+      "int channel_dim=1) -> (Tensor loss, Tensor indices, Tensor stats)");
+  m.def(
+      "_stabilize_backward(Tensor grad, Tensor a, Tensor b, Tensor indices, Tensor stats, str metric, "
+      "int channel_dim) -> (Tensor grad_a, Tensor grad_b)");
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "neurosens fused neuron-sensitivity kernels";
+#ifdef WITH_CUDA
+  m.attr("with_cuda") = true;
+#else
+  m.attr("with_cuda") = false;
+#endif
+}

@@ -1,0 +1,182 @@
+// The public ops, written once for every device over the two per-backend kernels
+// (_pair_stats, _pair_grad). Everything here works on [N, C]-sized tensors only: the
+// activations themselves are read by the kernels and nowhere else.
+#include <ATen/ATen.h>
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <torch/library.h>
+
+#include "common/metric.h"
+#include "common/pair_layout.h"
+#include "common/pair_math.h"
+
+namespace neurosens {
+namespace {
+
+at::Tensor pair_stats(const at::Tensor& a, const at::Tensor& b, int64_t channel_dim) {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("neurosens::_pair_stats", "")
+                       .typed<at::Tensor(const at::Tensor&, const at::Tensor&, int64_t)>();
+  return op.call(a, b, channel_dim);
+}
+
+std::tuple<at::Tensor, at::Tensor> pair_grad(const at::Tensor& a, const at::Tensor& b, const at::Tensor& coef,
+                                             int64_t channel_dim) {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("neurosens::_pair_grad", "")
+                       .typed<std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&,
+                                                                 const at::Tensor&, int64_t)>();
+  return op.call(a, b, coef, channel_dim);
+}
+
+at::Tensor stat(const at::Tensor& stats, Stat s) { return stats.select(-1, s); }
+
+// Elements of one neuron's map.
+int64_t map_size(const at::Tensor& a, int64_t cdim) { return a.numel() / (a.size(0) * a.size(cdim)); }
+
+// [N, C] per-sample distances from the [N, C, kNumStats] sums.
+at::Tensor distances_from_stats(const at::Tensor& stats, Metric metric, int64_t D, bool relative) {
+  at::Tensor dist;
+  switch (metric) {
+    case Metric::L1:
+      dist = stat(stats, kAbsDiff) / static_cast<double>(D);
+      break;
+    case Metric::L2:
+      dist = stat(stats, kSqDiff).sqrt() / static_cast<double>(D);
+      break;
+    case Metric::Cosine: {
+      const at::Tensor sq_a = stat(stats, kSqA), sq_b = stat(stats, kSqB);
+      const at::Tensor cos = stat(stats, kDot) / (sq_a.sqrt() * sq_b.sqrt()).clamp_min(kCosineEps);
+      dist = at::where(sq_a.eq(0).logical_and(sq_b.eq(0)), at::zeros_like(cos), 1.0 - cos);
+      break;
+    }
+  }
+  if (relative) dist = dist / (stat(stats, kAbsA) / static_cast<double>(D)).clamp_min(kRelativeEps);
+  return dist;
+}
+
+at::Tensor per_sample_impl(const at::Tensor& a, const at::Tensor& b, const std::string& metric, int64_t channel_dim,
+                           bool relative, const char* op) {
+  const Metric m = parse_metric(metric, op, "metric");
+  TORCH_CHECK_VALUE(!(relative && m == Metric::Cosine), op,
+                    ": relative=True is not defined for metric='cosine' (the cosine is already scale-free)");
+  const int64_t cdim = check_pair(a, b, channel_dim, op);
+  return distances_from_stats(pair_stats(a, b, cdim), m, map_size(a, cdim), relative);
+}
+
+at::Tensor neuron_distance_per_sample(const at::Tensor& a, const at::Tensor& b, c10::string_view metric,
+                                      int64_t channel_dim, bool relative) {
+  return per_sample_impl(a, b, std::string(metric), channel_dim, relative, "neurosens.neuron_distance_per_sample");
+}
+
+at::Tensor neuron_distance(const at::Tensor& a, const at::Tensor& b, c10::string_view metric, int64_t channel_dim,
+                           bool relative) {
+  return per_sample_impl(a, b, std::string(metric), channel_dim, relative, "neurosens.neuron_distance").sum(0);
+}
+
+void check_k(int64_t k, int64_t C, const at::Tensor& a, const char* op) {
+  TORCH_CHECK_VALUE(k >= 1 && k <= C, op, ": k=", k, " is out of range: activations of shape ", shape_str(a),
+                    " have ", C, " neurons, so k must be in [1, ", C, "]");
+}
+
+std::tuple<at::Tensor, at::Tensor> neuron_topk(const at::Tensor& a, const at::Tensor& b, int64_t k,
+                                               c10::string_view metric, int64_t channel_dim, bool relative,
+                                               bool largest) {
+  const char* op = "neurosens.neuron_topk";
+  const at::Tensor dist = per_sample_impl(a, b, std::string(metric), channel_dim, relative, op);
+  check_k(k, dist.size(1), a, op);
+  auto [values, indices] = at::topk(dist.mean(0), k, 0, largest, /*sorted=*/true);
+  return {values, indices};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> stabilize(const at::Tensor& a, const at::Tensor& b,
+                                                         const std::optional<at::Tensor>& indices, int64_t k,
+                                                         c10::string_view metric, c10::string_view select_metric,
+                                                         int64_t channel_dim) {
+  const char* op = "neurosens.stabilize";
+  const Metric m = parse_metric(std::string(metric), op, "metric");
+  const int64_t cdim = check_pair(a, b, channel_dim, op);
+  const int64_t C = a.size(cdim), D = map_size(a, cdim);
+  const at::Tensor stats = pair_stats(a, b, cdim);
+  at::Tensor selected;
+  if (indices.has_value()) {
+    const at::Tensor& idx = *indices;
+    TORCH_CHECK_VALUE(idx.dim() == 1 && idx.scalar_type() == at::kLong, op,
+                      ": indices must be a 1-D int64 tensor, got ", idx.scalar_type(), " of shape ", shape_str(idx));
+    TORCH_CHECK_VALUE(idx.device() == a.device(), op, ": indices are on ", idx.device(), " but a is on ", a.device());
+    TORCH_CHECK_VALUE(k == idx.numel(), op, ": k=", k, " does not match ", idx.numel(), " indices");
+    check_k(k, C, a, op);
+    const auto lo = idx.min().item<int64_t>(), hi = idx.max().item<int64_t>();
+    TORCH_CHECK_VALUE(lo >= 0 && hi < C, op, ": indices must lie in [0, ", C, ") for activations of shape ",
+                      shape_str(a), ", got values in [", lo, ", ", hi, "]");
+    selected = idx.clone();
+  } else {
+    check_k(k, C, a, op);
+    const Metric sm = parse_metric(std::string(select_metric), op, "select_metric");
+    selected = std::get<1>(at::topk(distances_from_stats(stats, sm, D, false).mean(0), k, 0, true, true));
+  }
+  const at::Tensor loss = distances_from_stats(stats, m, D, false).index_select(1, selected).mean();
+  return {loss, selected, stats};
+}
+
+// [N, C, kNumCoefs] coefficients of the elementwise gradient (see common/pair_math.h).
+at::Tensor stabilize_coefficients(const at::Tensor& grad, const at::Tensor& stats, const at::Tensor& indices,
+                                  Metric metric, int64_t D) {
+  const int64_t N = stats.size(0), C = stats.size(1);
+  // Per-neuron weight of d loss / d dist(n, c): loss is the mean over samples and selected neurons.
+  const at::Tensor hits = at::zeros({C}, stats.options()).index_add_(0, indices, at::ones({indices.numel()}, stats.options()));
+  const at::Tensor scale = (grad.to(stats.scalar_type()) / static_cast<double>(N * indices.numel()) * hits).expand({N, C});
+  at::Tensor coef = at::zeros({N, C, kNumCoefs}, stats.options());
+  switch (metric) {
+    case Metric::L1:
+      coef.select(-1, kSign).copy_(scale / static_cast<double>(D));
+      break;
+    case Metric::L2: {
+      const at::Tensor norm = stat(stats, kSqDiff).sqrt();
+      const at::Tensor w = at::where(norm.gt(0), scale / (norm * static_cast<double>(D)), at::zeros_like(norm));
+      coef.select(-1, kAA).copy_(w);
+      coef.select(-1, kAB).copy_(-w);
+      coef.select(-1, kBA).copy_(-w);
+      coef.select(-1, kBB).copy_(w);
+      break;
+    }
+    case Metric::Cosine: {
+      const at::Tensor sq_a = stat(stats, kSqA), sq_b = stat(stats, kSqB);
+      const at::Tensor prod = sq_a.sqrt() * sq_b.sqrt();
+      const at::Tensor denom = prod.clamp_min(kCosineEps);
+      const at::Tensor cos = stat(stats, kDot) / denom;
+      // Above the floor d(1 - cos)/da = cos a / |a|^2 - b / (|a||b|); below it the floor is a constant.
+      const at::Tensor live = prod.gt(kCosineEps);
+      const at::Tensor zero = at::zeros_like(cos);
+      const at::Tensor both_zero = sq_a.eq(0).logical_and(sq_b.eq(0));
+      const at::Tensor cross = at::where(both_zero, zero, -scale / denom);
+      coef.select(-1, kAA).copy_(at::where(live, scale * cos / sq_a, zero));
+      coef.select(-1, kAB).copy_(cross);
+      coef.select(-1, kBA).copy_(cross);
+      coef.select(-1, kBB).copy_(at::where(live, scale * cos / sq_b, zero));
+      break;
+    }
+  }
+  return coef;
+}
+
+std::tuple<at::Tensor, at::Tensor> stabilize_backward(const at::Tensor& grad, const at::Tensor& a, const at::Tensor& b,
+                                                      const at::Tensor& indices, const at::Tensor& stats,
+                                                      c10::string_view metric, int64_t channel_dim) {
+  const char* op = "neurosens._stabilize_backward";
+  const Metric m = parse_metric(std::string(metric), op, "metric");
+  const int64_t cdim = check_pair(a, b, channel_dim, op);
+  const at::Tensor coef = stabilize_coefficients(grad, stats, indices, m, map_size(a, cdim));
+  return pair_grad(a, b, coef, cdim);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(neurosens, CompositeExplicitAutograd, m) {
+  m.impl("neuron_distance", &neuron_distance);
+  m.impl("neuron_distance_per_sample", &neuron_distance_per_sample);
+  m.impl("neuron_topk", &neuron_topk);
+  m.impl("stabilize", &stabilize);
+  m.impl("_stabilize_backward", &stabilize_backward);
+}
+
+}  // namespace neurosens

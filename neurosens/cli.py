@@ -1,0 +1,33 @@
+"""The `neurosens` command. Each subcommand lives in `neurosens/commands/<name>.py` and provides
+HELP, add_arguments(parser) and run(args) -> exit code."""
+import argparse
+import importlib
+import pkgutil
+import sys
+
+from . import commands
+
+
+def _command_modules():
+    for info in sorted(pkgutil.iter_modules(commands.__path__), key=lambda m: m.name):
+        if not info.name.startswith("_"):
+            yield info.name.replace("_", "-"), importlib.import_module(f"{commands.__name__}.{info.name}")
+
+
+def build_parser():
+    parser = argparse.ArgumentParser(prog="neurosens", description="Neuron sensitivity for adversarial robustness.")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name, module in _command_modules():
+        cmd = sub.add_parser(name, help=module.HELP, description=module.HELP)
+        module.add_arguments(cmd)
+        cmd.set_defaults(_run=module.run)
+    return parser
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    return args._run(args) or 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

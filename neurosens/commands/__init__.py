@@ -1,0 +1,1 @@
+"""Subcommands of the `neurosens` command line, one module each."""
