@@ -22,6 +22,13 @@ TORCH_LIBRARY(neurosens, m) {
       "int channel_dim) -> (Tensor grad_a, Tensor grad_b)");
 }
 
+// The statistics are not differentiable: with inputs that require grad they return plain
+// tensors. stabilize gets its autograd in Python (neurosens/ops.py).
+TORCH_LIBRARY_IMPL(neurosens, Autograd, m) {
+  for (const char* name : {"_pair_stats", "_pair_grad", "neuron_distance", "neuron_distance_per_sample", "neuron_topk"})
+    m.impl(name, torch::CppFunction::makeFallthrough());
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "neurosens fused neuron-sensitivity kernels";
 #ifdef WITH_CUDA

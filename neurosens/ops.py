@@ -228,19 +228,19 @@ def _register_python_parts():
         return torch.empty_like(a), torch.empty_like(b)
 
     @torch.library.register_fake("neurosens::neuron_distance")
-    def _(a, b, metric, channel_dim, relative):
+    def _(a, b, metric="l1", channel_dim=1, relative=False):
         return a.new_empty((a.shape[channel_dim],), dtype=acc_dtype(a))
 
     @torch.library.register_fake("neurosens::neuron_distance_per_sample")
-    def _(a, b, metric, channel_dim, relative):
+    def _(a, b, metric="l1", channel_dim=1, relative=False):
         return a.new_empty((a.shape[0], a.shape[channel_dim]), dtype=acc_dtype(a))
 
     @torch.library.register_fake("neurosens::neuron_topk")
-    def _(a, b, k, metric, channel_dim, relative, largest):
+    def _(a, b, k, metric="l1", channel_dim=1, relative=False, largest=True):
         return a.new_empty((k,), dtype=acc_dtype(a)), a.new_empty((k,), dtype=torch.int64)
 
     @torch.library.register_fake("neurosens::stabilize")
-    def _(a, b, indices, k, metric, select_metric, channel_dim):
+    def _(a, b, indices, k, metric="cosine", select_metric="l1", channel_dim=1):
         stats = a.new_empty((a.shape[0], a.shape[channel_dim], 6), dtype=acc_dtype(a))
         return a.new_empty((), dtype=acc_dtype(a)), a.new_empty((k,), dtype=torch.int64), stats
 
