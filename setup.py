@@ -24,7 +24,7 @@ def _extensions():
     from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
 
     sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/cpu/*.cpp"))
-    cxx = ["-O3", "-fopenmp-simd"]
+    cxx = ["-O3", "-fopenmp-simd", "-funroll-loops"]
     if platform.machine() in ("x86_64", "AMD64"):
         # Lets the CPU kernels carry AVX2 clones next to the baseline ones (chosen at load time).
         cxx.append("-DNEUROSENS_X86_CLONES")

@@ -5,7 +5,7 @@
 #include <torch/library.h>
 
 TORCH_LIBRARY(neurosens, m) {
-  m.def("_pair_stats(Tensor a, Tensor b, int channel_dim) -> Tensor");
+  m.def("_pair_stats(Tensor a, Tensor b, int channel_dim, int stats=63) -> Tensor");
   m.def("_pair_grad(Tensor a, Tensor b, Tensor coef, int channel_dim) -> (Tensor, Tensor)");
   m.def("neuron_distance(Tensor a, Tensor b, str metric=\"l1\", int channel_dim=1, bool relative=False) -> Tensor");
   m.def(

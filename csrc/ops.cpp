@@ -12,11 +12,22 @@
 namespace neurosens {
 namespace {
 
-at::Tensor pair_stats(const at::Tensor& a, const at::Tensor& b, int64_t channel_dim) {
+// The statistics a metric is computed from.
+int stats_for(Metric metric, bool relative = false) {
+  int bits = relative ? stat_bit(kAbsA) : 0;
+  switch (metric) {
+    case Metric::L1: return bits | stat_bit(kAbsDiff);
+    case Metric::L2: return bits | stat_bit(kSqDiff);
+    case Metric::Cosine: return bits | stat_bit(kDot) | stat_bit(kSqA) | stat_bit(kSqB);
+  }
+  return kAllStats;
+}
+
+at::Tensor pair_stats(const at::Tensor& a, const at::Tensor& b, int64_t channel_dim, int64_t stats) {
   static auto op = c10::Dispatcher::singleton()
                        .findSchemaOrThrow("neurosens::_pair_stats", "")
-                       .typed<at::Tensor(const at::Tensor&, const at::Tensor&, int64_t)>();
-  return op.call(a, b, channel_dim);
+                       .typed<at::Tensor(const at::Tensor&, const at::Tensor&, int64_t, int64_t)>();
+  return op.call(a, b, channel_dim, stats);
 }
 
 std::tuple<at::Tensor, at::Tensor> pair_grad(const at::Tensor& a, const at::Tensor& b, const at::Tensor& coef,
@@ -60,7 +71,7 @@ at::Tensor per_sample_impl(const at::Tensor& a, const at::Tensor& b, const std::
   TORCH_CHECK_VALUE(!(relative && m == Metric::Cosine), op,
                     ": relative=True is not defined for metric='cosine' (the cosine is already scale-free)");
   const int64_t cdim = check_pair(a, b, channel_dim, op);
-  return distances_from_stats(pair_stats(a, b, cdim), m, map_size(a, cdim), relative);
+  return distances_from_stats(pair_stats(a, b, cdim, stats_for(m, relative)), m, map_size(a, cdim), relative);
 }
 
 at::Tensor neuron_distance_per_sample(const at::Tensor& a, const at::Tensor& b, c10::string_view metric,
@@ -96,7 +107,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> stabilize(const at::Tensor& a, co
   const Metric m = parse_metric(std::string(metric), op, "metric");
   const int64_t cdim = check_pair(a, b, channel_dim, op);
   const int64_t C = a.size(cdim), D = map_size(a, cdim);
-  const at::Tensor stats = pair_stats(a, b, cdim);
+  const Metric sm = parse_metric(std::string(select_metric), op, "select_metric");
+  const at::Tensor stats = pair_stats(a, b, cdim, stats_for(m) | (indices.has_value() ? 0 : stats_for(sm)));
   at::Tensor selected;
   if (indices.has_value()) {
     const at::Tensor& idx = *indices;
@@ -111,7 +123,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> stabilize(const at::Tensor& a, co
     selected = idx.clone();
   } else {
     check_k(k, C, a, op);
-    const Metric sm = parse_metric(std::string(select_metric), op, "select_metric");
     selected = std::get<1>(at::topk(distances_from_stats(stats, sm, D, false).mean(0), k, 0, true, true));
   }
   const at::Tensor loss = distances_from_stats(stats, m, D, false).index_select(1, selected).mean();

@@ -181,10 +181,11 @@ def test_opcheck_every_op(device):
     b = a + 0.2 * torch.randn_like(a)
     idx = torch.tensor([0, 3, 5], device=device)
     nsops = torch.ops.neurosens
-    stats = nsops._pair_stats(a, b, 1)
+    stats = nsops._pair_stats(a, b, 1, 63)
     coef = torch.randn(3, 6, 5, device=device)
     cases = [
-        (nsops._pair_stats.default, (a, b, 1)),
+        (nsops._pair_stats.default, (a, b, 1, 63)),
+        (nsops._pair_stats.default, (a, b, 1, 1)),
         (nsops._pair_grad.default, (a, b, coef, 1)),
         (nsops.neuron_distance.default, (a, b, "l2", 1, True)),
         (nsops.neuron_distance_per_sample.default, (a, b, "cosine", 1, False)),

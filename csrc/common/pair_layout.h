@@ -11,6 +11,8 @@
 #include <string>
 #include <vector>
 
+#include "common/pair_math.h"
+
 namespace neurosens {
 
 constexpr int kMaxSpatial = 3;
@@ -70,6 +72,15 @@ inline int64_t check_pair(const at::Tensor& a, const at::Tensor& b, int64_t chan
   TORCH_CHECK_VALUE(a.size(0) > 0, op, ": the batch is empty (shape ", shape_str(a), ")");
   TORCH_CHECK_VALUE(a.numel() > 0, op, ": activations of shape ", shape_str(a), " have no elements");
   return cdim;
+}
+
+// The backward coefficients: one row of kNumCoefs per (sample, neuron), in the accumulation dtype.
+inline void check_coef(const at::Tensor& a, const at::Tensor& coef, int64_t cdim, const char* op) {
+  const auto acc_dtype = a.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  TORCH_CHECK(coef.dim() == 3 && coef.size(0) == a.size(0) && coef.size(1) == a.size(cdim) && coef.size(2) == kNumCoefs &&
+                  coef.scalar_type() == acc_dtype && coef.device() == a.device(),
+              op, ": coef must be a ", acc_dtype, " tensor of shape [", a.size(0), ", ", a.size(cdim), ", ", kNumCoefs, "] on ",
+              a.device(), ", got ", coef.scalar_type(), " ", shape_str(coef), " on ", coef.device());
 }
 
 // Layout of tensors of one shape (checked by check_pair) iterated together.

@@ -25,24 +25,29 @@ enum Stat : int {
 //   grad_b = BA * a + BB * b - SIGN * sign(a - b)
 enum Coef : int { kAA = 0, kAB = 1, kBA = 2, kBB = 3, kSign = 4, kNumCoefs = 5 };
 
-template <typename acc_t>
+// Bit sets of statistics: a kernel may compute only those a metric needs (the others are zero).
+constexpr int stat_bit(Stat s) { return 1 << s; }
+constexpr int kAllStats = (1 << kNumStats) - 1;
+
+template <int kMask, typename acc_t>
 C10_HOST_DEVICE inline void accumulate_pair(acc_t x, acc_t y, acc_t& abs_diff, acc_t& sq_diff, acc_t& dot,
                                             acc_t& sq_a, acc_t& sq_b, acc_t& abs_a) {
   const acc_t d = x - y;
-  abs_diff += d < acc_t(0) ? -d : d;
-  sq_diff += d * d;
-  dot += x * y;
-  sq_a += x * x;
-  sq_b += y * y;
-  abs_a += x < acc_t(0) ? -x : x;
+  if constexpr ((kMask & stat_bit(kAbsDiff)) != 0) abs_diff += d < acc_t(0) ? -d : d;
+  if constexpr ((kMask & stat_bit(kSqDiff)) != 0) sq_diff += d * d;
+  if constexpr ((kMask & stat_bit(kDot)) != 0) dot += x * y;
+  if constexpr ((kMask & stat_bit(kSqA)) != 0) sq_a += x * x;
+  if constexpr ((kMask & stat_bit(kSqB)) != 0) sq_b += y * y;
+  if constexpr ((kMask & stat_bit(kAbsA)) != 0) abs_a += x < acc_t(0) ? -x : x;
 }
 
 template <typename acc_t>
-C10_HOST_DEVICE inline void pair_grad(const acc_t* coef, acc_t x, acc_t y, acc_t& gx, acc_t& gy) {
+C10_HOST_DEVICE inline void pair_grad(acc_t aa, acc_t ab, acc_t ba, acc_t bb, acc_t sign, acc_t x, acc_t y, acc_t& gx,
+                                      acc_t& gy) {
   const acc_t d = x - y;
-  const acc_t s = coef[kSign] * static_cast<acc_t>((d > acc_t(0)) - (d < acc_t(0)));
-  gx = coef[kAA] * x + coef[kAB] * y + s;
-  gy = coef[kBA] * x + coef[kBB] * y - s;
+  const acc_t s = d > acc_t(0) ? sign : (d < acc_t(0) ? -sign : acc_t(0));
+  gx = aa * x + ab * y + s;
+  gy = ba * x + bb * y - s;
 }
 
 }  // namespace neurosens

@@ -37,7 +37,7 @@ __device__ __forceinline__ int64_t spatial_offset(const PairLayout& L, int t, in
 template <typename acc_t>
 struct Sums {
   acc_t v[kNumStats] = {};
-  __device__ __forceinline__ void add(acc_t x, acc_t y) { accumulate_pair<acc_t>(x, y, v[0], v[1], v[2], v[3], v[4], v[5]); }
+  __device__ __forceinline__ void add(acc_t x, acc_t y) { accumulate_pair<kAllStats, acc_t>(x, y, v[0], v[1], v[2], v[3], v[4], v[5]); }
   __device__ __forceinline__ void store(acc_t* out) const {
 #pragma unroll
     for (int s = 0; s < kNumStats; ++s) out[s] = v[s];
@@ -111,8 +111,11 @@ int64_t choose_segments(int64_t workers, int64_t D, int64_t target, int64_t min_
   return std::max<int64_t>(1, std::min<int64_t>({want, most, 65535}));
 }
 
-at::Tensor pair_stats_cuda(const at::Tensor& a, const at::Tensor& b, int64_t channel_dim) {
+// Computes every statistic whatever `stats` asks: on a GPU the pass is bound by memory, not math.
+at::Tensor pair_stats_cuda(const at::Tensor& a, const at::Tensor& b, int64_t channel_dim, int64_t stats) {
   const int64_t cdim = check_pair(a, b, channel_dim, "neurosens._pair_stats");
+  TORCH_CHECK_VALUE(stats > 0 && stats <= kAllStats, "neurosens._pair_stats: stats=", stats,
+                    " must be a non-empty bit set of the ", kNumStats, " statistics");
   const PairLayout L = make_layout({a, b}, cdim, "neurosens._pair_stats");
   const c10::cuda::CUDAGuard guard(a.device());
   const auto stream = c10::cuda::getCurrentCUDAStream();
@@ -178,8 +181,9 @@ __global__ void grad_kernel(const scalar_t* __restrict__ a, const scalar_t* __re
       c = (e / L.D) % L.C;
       n = e / (L.D * L.C);
     }
+    const acc_t* k = coef + (n * L.C + c) * kNumCoefs;
     acc_t gx, gy;
-    pair_grad<acc_t>(coef + (n * L.C + c) * kNumCoefs,
+    pair_grad<acc_t>(k[kAA], k[kAB], k[kBA], k[kBB], k[kSign],
                      static_cast<acc_t>(a[n * L.sn[0] + c * L.sc[0] + spatial_offset(L, 0, j)]),
                      static_cast<acc_t>(b[n * L.sn[1] + c * L.sc[1] + spatial_offset(L, 1, j)]), gx, gy);
     ga[n * L.sn[2] + c * L.sc[2] + spatial_offset(L, 2, j)] = static_cast<scalar_t>(gx);
@@ -190,12 +194,7 @@ __global__ void grad_kernel(const scalar_t* __restrict__ a, const scalar_t* __re
 std::tuple<at::Tensor, at::Tensor> pair_grad_cuda(const at::Tensor& a, const at::Tensor& b, const at::Tensor& coef,
                                                   int64_t channel_dim) {
   const int64_t cdim = check_pair(a, b, channel_dim, "neurosens._pair_grad");
-  const auto acc_dtype = a.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  TORCH_CHECK(coef.dim() == 3 && coef.size(0) == a.size(0) && coef.size(1) == a.size(cdim) &&
-                  coef.size(2) == kNumCoefs && coef.scalar_type() == acc_dtype && coef.device() == a.device(),
-              "neurosens._pair_grad: coef must be a ", acc_dtype, " tensor of shape [", a.size(0), ", ",
-              a.size(cdim), ", ", kNumCoefs, "] on ", a.device(), ", got ", coef.scalar_type(), " ",
-              shape_str(coef), " on ", coef.device());
+  check_coef(a, coef, cdim, "neurosens._pair_grad");
   const c10::cuda::CUDAGuard guard(a.device());
   const auto stream = c10::cuda::getCurrentCUDAStream();
   at::Tensor grad_a = at::empty_like(a);
