@@ -24,7 +24,9 @@ def _extensions():
     from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
 
     sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/cpu/*.cpp"))
-    cxx = ["-O3", "-fopenmp-simd", "-funroll-loops"]
+    # at::parallel_for is an OpenMP pragma in a header: without -fopenmp it silently runs serially.
+    cxx = ["-O3", "-fopenmp", "-funroll-loops"]
+    link = ["-fopenmp"]
     if platform.machine() in ("x86_64", "AMD64"):
         # Lets the CPU kernels carry AVX2 clones next to the baseline ones (chosen at load time).
         cxx.append("-DNEUROSENS_X86_CLONES")
@@ -42,9 +44,12 @@ def _extensions():
             include_dirs=include_dirs,
             define_macros=[("WITH_CUDA", None)],
             extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "--expt-relaxed-constexpr"]},
+            extra_link_args=link,
         )
     else:
-        ext = CppExtension("neurosens._C", sources, include_dirs=include_dirs, extra_compile_args={"cxx": cxx})
+        ext = CppExtension(
+            "neurosens._C", sources, include_dirs=include_dirs, extra_compile_args={"cxx": cxx}, extra_link_args=link
+        )
     return [ext], {"build_ext": BuildExtension.with_options(use_ninja=True)}
 
 
