@@ -6,7 +6,9 @@
 
 TORCH_LIBRARY(neurosens, m) {
   m.def("_pair_stats(Tensor a, Tensor b, int channel_dim, int stats=63) -> Tensor");
-  m.def("_pair_grad(Tensor a, Tensor b, Tensor coef, int channel_dim) -> (Tensor, Tensor)");
+  m.def(
+      "_stabilize_grad(Tensor a, Tensor b, Tensor stats, Tensor weight, str metric, int channel_dim) "
+      "-> (Tensor grad_a, Tensor grad_b)");
   m.def("neuron_distance(Tensor a, Tensor b, str metric=\"l1\", int channel_dim=1, bool relative=False) -> Tensor");
   m.def(
       "neuron_distance_per_sample(Tensor a, Tensor b, str metric=\"l1\", int channel_dim=1, bool relative=False) "
@@ -25,7 +27,7 @@ TORCH_LIBRARY(neurosens, m) {
 // The statistics are not differentiable: with inputs that require grad they return plain
 // tensors. stabilize gets its autograd in Python (neurosens/ops.py).
 TORCH_LIBRARY_IMPL(neurosens, Autograd, m) {
-  for (const char* name : {"_pair_stats", "_pair_grad", "neuron_distance", "neuron_distance_per_sample", "neuron_topk"})
+  for (const char* name : {"_pair_stats", "_stabilize_grad", "neuron_distance", "neuron_distance_per_sample", "neuron_topk"})
     m.impl(name, torch::CppFunction::makeFallthrough());
 }
 

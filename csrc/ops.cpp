@@ -1,5 +1,5 @@
 // The public ops, written once for every device over the two per-backend kernels
-// (_pair_stats, _pair_grad). Everything here works on [N, C]-sized tensors only: the
+// (_pair_stats, _stabilize_grad). Everything here works on [N, C]-sized tensors only: the
 // activations themselves are read by the kernels and nowhere else.
 #include <ATen/ATen.h>
 #include <ATen/core/dispatch/Dispatcher.h>
@@ -30,13 +30,14 @@ at::Tensor pair_stats(const at::Tensor& a, const at::Tensor& b, int64_t channel_
   return op.call(a, b, channel_dim, stats);
 }
 
-std::tuple<at::Tensor, at::Tensor> pair_grad(const at::Tensor& a, const at::Tensor& b, const at::Tensor& coef,
-                                             int64_t channel_dim) {
+std::tuple<at::Tensor, at::Tensor> stabilize_grad(const at::Tensor& a, const at::Tensor& b, const at::Tensor& stats,
+                                                  const at::Tensor& weight, c10::string_view metric,
+                                                  int64_t channel_dim) {
   static auto op = c10::Dispatcher::singleton()
-                       .findSchemaOrThrow("neurosens::_pair_grad", "")
-                       .typed<std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&,
-                                                                 const at::Tensor&, int64_t)>();
-  return op.call(a, b, coef, channel_dim);
+                       .findSchemaOrThrow("neurosens::_stabilize_grad", "")
+                       .typed<std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                                                 const at::Tensor&, c10::string_view, int64_t)>();
+  return op.call(a, b, stats, weight, metric, channel_dim);
 }
 
 at::Tensor stat(const at::Tensor& stats, Stat s) { return stats.select(-1, s); }
@@ -129,55 +130,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> stabilize(const at::Tensor& a, co
   return {loss, selected, stats};
 }
 
-// [N, C, kNumCoefs] coefficients of the elementwise gradient (see common/pair_math.h).
-at::Tensor stabilize_coefficients(const at::Tensor& grad, const at::Tensor& stats, const at::Tensor& indices,
-                                  Metric metric, int64_t D) {
-  const int64_t N = stats.size(0), C = stats.size(1);
-  // Per-neuron weight of d loss / d dist(n, c): loss is the mean over samples and selected neurons.
-  const at::Tensor hits = at::zeros({C}, stats.options()).index_add_(0, indices, at::ones({indices.numel()}, stats.options()));
-  const at::Tensor scale = (grad.to(stats.scalar_type()) / static_cast<double>(N * indices.numel()) * hits).expand({N, C});
-  at::Tensor coef = at::zeros({N, C, kNumCoefs}, stats.options());
-  switch (metric) {
-    case Metric::L1:
-      coef.select(-1, kSign).copy_(scale / static_cast<double>(D));
-      break;
-    case Metric::L2: {
-      const at::Tensor norm = stat(stats, kSqDiff).sqrt();
-      const at::Tensor w = at::where(norm.gt(0), scale / (norm * static_cast<double>(D)), at::zeros_like(norm));
-      coef.select(-1, kAA).copy_(w);
-      coef.select(-1, kAB).copy_(-w);
-      coef.select(-1, kBA).copy_(-w);
-      coef.select(-1, kBB).copy_(w);
-      break;
-    }
-    case Metric::Cosine: {
-      const at::Tensor sq_a = stat(stats, kSqA), sq_b = stat(stats, kSqB);
-      const at::Tensor prod = sq_a.sqrt() * sq_b.sqrt();
-      const at::Tensor denom = prod.clamp_min(kCosineEps);
-      const at::Tensor cos = stat(stats, kDot) / denom;
-      // Above the floor d(1 - cos)/da = cos a / |a|^2 - b / (|a||b|); below it the floor is a constant.
-      const at::Tensor live = prod.gt(kCosineEps);
-      const at::Tensor zero = at::zeros_like(cos);
-      const at::Tensor both_zero = sq_a.eq(0).logical_and(sq_b.eq(0));
-      const at::Tensor cross = at::where(both_zero, zero, -scale / denom);
-      coef.select(-1, kAA).copy_(at::where(live, scale * cos / sq_a, zero));
-      coef.select(-1, kAB).copy_(cross);
-      coef.select(-1, kBA).copy_(cross);
-      coef.select(-1, kBB).copy_(at::where(live, scale * cos / sq_b, zero));
-      break;
-    }
-  }
-  return coef;
-}
-
 std::tuple<at::Tensor, at::Tensor> stabilize_backward(const at::Tensor& grad, const at::Tensor& a, const at::Tensor& b,
                                                       const at::Tensor& indices, const at::Tensor& stats,
                                                       c10::string_view metric, int64_t channel_dim) {
   const char* op = "neurosens._stabilize_backward";
-  const Metric m = parse_metric(std::string(metric), op, "metric");
   const int64_t cdim = check_pair(a, b, channel_dim, op);
-  const at::Tensor coef = stabilize_coefficients(grad, stats, indices, m, map_size(a, cdim));
-  return pair_grad(a, b, coef, cdim);
+  // d loss / d dist(n, c): the loss is the mean over samples and selected neurons (a neuron
+  // listed twice counts twice, as in the forward).
+  const at::Tensor hits =
+      at::zeros({a.size(cdim)}, stats.options()).index_add_(0, indices, at::ones({indices.numel()}, stats.options()));
+  const at::Tensor weight = hits * (grad.to(stats.scalar_type()) / static_cast<double>(a.size(0) * indices.numel()));
+  return stabilize_grad(a, b, stats, weight, metric, cdim);
 }
 
 }  // namespace

@@ -223,8 +223,8 @@ def _register_python_parts():
     def _(a, b, channel_dim, stats=63):
         return a.new_empty((a.shape[0], a.shape[channel_dim], 6), dtype=acc_dtype(a))
 
-    @torch.library.register_fake("neurosens::_pair_grad")
-    def _(a, b, coef, channel_dim):
+    @torch.library.register_fake("neurosens::_stabilize_grad")
+    def _(a, b, stats, weight, metric, channel_dim):
         return torch.empty_like(a), torch.empty_like(b)
 
     @torch.library.register_fake("neurosens::neuron_distance")

@@ -182,11 +182,11 @@ def test_opcheck_every_op(device):
     idx = torch.tensor([0, 3, 5], device=device)
     nsops = torch.ops.neurosens
     stats = nsops._pair_stats(a, b, 1, 63)
-    coef = torch.randn(3, 6, 5, device=device)
+    weight = torch.tensor([0.5, 0.0, 0.0, 0.25, 0.0, 1.0], device=device)
     cases = [
         (nsops._pair_stats.default, (a, b, 1, 63)),
         (nsops._pair_stats.default, (a, b, 1, 1)),
-        (nsops._pair_grad.default, (a, b, coef, 1)),
+        (nsops._stabilize_grad.default, (a, b, stats, weight, "cosine", 1)),
         (nsops.neuron_distance.default, (a, b, "l2", 1, True)),
         (nsops.neuron_distance_per_sample.default, (a, b, "cosine", 1, False)),
         (nsops.neuron_topk.default, (a, b, 2, "l1", 1, False, True)),
@@ -289,8 +289,10 @@ def test_kernels_check_their_inputs_directly():
         nsops.stabilize(torch.randn(2, 3), torch.randn(2, 3), None, 5)
     with pytest.raises(ValueError, match=r"indices must lie in \[0, 3\)"):
         nsops.stabilize(torch.randn(2, 3), torch.randn(2, 3), torch.tensor([-1]), 1)
-    with pytest.raises(RuntimeError, match=r"coef must be a Float tensor of shape \[2, 3, 5\]"):
-        nsops._pair_grad(torch.randn(2, 3), torch.randn(2, 3), torch.randn(2, 3, 4), 1)
+    with pytest.raises(RuntimeError, match=r"stats must be a Float tensor of shape \[2, 3, 6\]"):
+        nsops._stabilize_grad(torch.randn(2, 3), torch.randn(2, 3), torch.randn(2, 3, 4), torch.ones(3), "l1", 1)
+    with pytest.raises(RuntimeError, match=r"weight must be a Float tensor of shape \[3\]"):
+        nsops._stabilize_grad(torch.randn(2, 3), torch.randn(2, 3), torch.randn(2, 3, 6), torch.ones(2), "l1", 1)
 
 
 @pytest.mark.skipif(not CUDA, reason="needs a CUDA device")

@@ -1,4 +1,4 @@
-// Metric names and the constants that make each metric's edge cases explicit. The Python
+// Metric names as the ops take them. The metric constants live in pair_math.h; the Python
 // reference (neurosens/reference.py) uses the same values.
 #pragma once
 
@@ -6,14 +6,9 @@
 
 #include <string>
 
+#include "common/pair_math.h"
+
 namespace neurosens {
-
-enum class Metric { L1, L2, Cosine };
-
-// Floor of |a| * |b| in the cosine; both maps exactly zero count as identical (distance 0).
-constexpr double kCosineEps = 1e-8;
-// Floor of the benign map's mean |a| when distances are taken relative to it.
-constexpr double kRelativeEps = 1e-6;
 
 inline Metric parse_metric(const std::string& name, const char* op, const char* arg) {
   if (name == "l1") return Metric::L1;

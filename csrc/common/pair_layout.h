@@ -74,13 +74,19 @@ inline int64_t check_pair(const at::Tensor& a, const at::Tensor& b, int64_t chan
   return cdim;
 }
 
-// The backward coefficients: one row of kNumCoefs per (sample, neuron), in the accumulation dtype.
-inline void check_coef(const at::Tensor& a, const at::Tensor& coef, int64_t cdim, const char* op) {
+// The saved statistics and the per-neuron weights the stabilize gradient is computed from.
+inline void check_grad_inputs(const at::Tensor& a, const at::Tensor& stats, const at::Tensor& weight, int64_t cdim,
+                              const char* op) {
   const auto acc_dtype = a.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  TORCH_CHECK(coef.dim() == 3 && coef.size(0) == a.size(0) && coef.size(1) == a.size(cdim) && coef.size(2) == kNumCoefs &&
-                  coef.scalar_type() == acc_dtype && coef.device() == a.device(),
-              op, ": coef must be a ", acc_dtype, " tensor of shape [", a.size(0), ", ", a.size(cdim), ", ", kNumCoefs, "] on ",
-              a.device(), ", got ", coef.scalar_type(), " ", shape_str(coef), " on ", coef.device());
+  TORCH_CHECK(stats.dim() == 3 && stats.size(0) == a.size(0) && stats.size(1) == a.size(cdim) &&
+                  stats.size(2) == kNumStats && stats.scalar_type() == acc_dtype && stats.device() == a.device(),
+              op, ": stats must be a ", acc_dtype, " tensor of shape [", a.size(0), ", ", a.size(cdim), ", ",
+              kNumStats, "] on ", a.device(), ", got ", stats.scalar_type(), " ", shape_str(stats), " on ",
+              stats.device());
+  TORCH_CHECK(weight.dim() == 1 && weight.size(0) == a.size(cdim) && weight.scalar_type() == acc_dtype &&
+                  weight.device() == a.device(),
+              op, ": weight must be a ", acc_dtype, " tensor of shape [", a.size(cdim), "] on ", a.device(), ", got ",
+              weight.scalar_type(), " ", shape_str(weight), " on ", weight.device());
 }
 
 // Layout of tensors of one shape (checked by check_pair) iterated together.

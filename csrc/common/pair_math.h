@@ -7,7 +7,16 @@
 
 #include <c10/macros/Macros.h>
 
+#include <cmath>
+
 namespace neurosens {
+
+enum class Metric : int { L1 = 0, L2 = 1, Cosine = 2 };
+
+// Floor of |a| * |b| in the cosine; both maps exactly zero count as identical (distance 0).
+constexpr double kCosineEps = 1e-8;
+// Floor of the benign map's mean |a| when distances are taken relative to it.
+constexpr double kRelativeEps = 1e-6;
 
 // Layout of the last dim of the [N, C, kNumStats] statistics tensor.
 enum Stat : int {
@@ -48,6 +57,46 @@ C10_HOST_DEVICE inline void pair_grad(acc_t aa, acc_t ab, acc_t ba, acc_t bb, ac
   const acc_t s = d > acc_t(0) ? sign : (d < acc_t(0) ? -sign : acc_t(0));
   gx = aa * x + ab * y + s;
   gy = ba * x + bb * y - s;
+}
+
+// Backward coefficients of one (sample, neuron) from its statistics, where `w` is d loss / d dist
+// (zero for neurons that were not selected) and D the size of the map.
+template <typename acc_t>
+C10_HOST_DEVICE inline void grad_coefficients(Metric metric, const acc_t* st, acc_t w, acc_t D, acc_t* k) {
+  for (int i = 0; i < kNumCoefs; ++i) k[i] = acc_t(0);
+  if (w == acc_t(0)) return;
+  switch (metric) {
+    case Metric::L1:
+      k[kSign] = w / D;
+      break;
+    case Metric::L2: {
+      const acc_t norm = std::sqrt(st[kSqDiff]);
+      if (norm > acc_t(0)) {
+        const acc_t v = w / (D * norm);
+        k[kAA] = v;
+        k[kAB] = -v;
+        k[kBA] = -v;
+        k[kBB] = v;
+      }
+      break;
+    }
+    case Metric::Cosine: {
+      const acc_t sq_a = st[kSqA], sq_b = st[kSqB];
+      if (sq_a == acc_t(0) && sq_b == acc_t(0)) break;
+      const acc_t prod = std::sqrt(sq_a) * std::sqrt(sq_b);
+      const acc_t eps = static_cast<acc_t>(kCosineEps);
+      const acc_t denom = prod > eps ? prod : eps;
+      const acc_t cos = st[kDot] / denom;
+      // Above the floor d(1 - cos)/da = cos a / |a|^2 - b / (|a||b|); below it the floor is a constant.
+      if (prod > eps) {
+        k[kAA] = w * cos / sq_a;
+        k[kBB] = w * cos / sq_b;
+      }
+      k[kAB] = -w / denom;
+      k[kBA] = -w / denom;
+      break;
+    }
+  }
 }
 
 }  // namespace neurosens

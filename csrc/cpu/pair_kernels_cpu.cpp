@@ -7,6 +7,7 @@
 
 #include <vector>
 
+#include "common/metric.h"
 #include "common/pair_layout.h"
 #include "common/pair_math.h"
 
@@ -71,6 +72,21 @@ NEUROSENS_CLONES void grad_of_run(const scalar_t* __restrict__ a, const scalar_t
     pair_grad<acc_t>(aa, ab, ba, bb, sign, static_cast<acc_t>(a[i]), static_cast<acc_t>(b[i]), gx, gy);
     ga[i] = static_cast<scalar_t>(gx);
     gb[i] = static_cast<scalar_t>(gy);
+  }
+}
+
+// One spatial position of every neuron of one sample; coef holds kNumCoefs rows of C values.
+template <typename scalar_t, typename acc_t>
+NEUROSENS_CLONES void grad_of_columns(const scalar_t* __restrict__ a, const scalar_t* __restrict__ b, int64_t C,
+                                      const acc_t* __restrict__ coef, scalar_t* __restrict__ ga,
+                                      scalar_t* __restrict__ gb) {
+#pragma omp simd
+  for (int64_t c = 0; c < C; ++c) {
+    acc_t gx, gy;
+    pair_grad<acc_t>(coef[kAA * C + c], coef[kAB * C + c], coef[kBA * C + c], coef[kBB * C + c],
+                     coef[kSign * C + c], static_cast<acc_t>(a[c]), static_cast<acc_t>(b[c]), gx, gy);
+    ga[c] = static_cast<scalar_t>(gx);
+    gb[c] = static_cast<scalar_t>(gy);
   }
 }
 
@@ -164,48 +180,74 @@ at::Tensor pair_stats_cpu(const at::Tensor& a, const at::Tensor& b, int64_t chan
   return out;
 }
 
-std::tuple<at::Tensor, at::Tensor> pair_grad_cpu(const at::Tensor& a, const at::Tensor& b, const at::Tensor& coef,
-                                                 int64_t channel_dim) {
-  const int64_t cdim = check_pair(a, b, channel_dim, "neurosens._pair_grad");
-  check_coef(a, coef, cdim, "neurosens._pair_grad");
-  at::Tensor grad_a = at::empty_like(a);
-  at::Tensor grad_b = at::empty_like(b);
-  const at::Tensor k = coef.contiguous();
-  const PairLayout L = make_layout({a, b, grad_a, grad_b}, cdim, "neurosens._pair_grad");
-
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.scalar_type(), "neurosens._pair_grad", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
-    const scalar_t* pa = a.const_data_ptr<scalar_t>();
-    const scalar_t* pb = b.const_data_ptr<scalar_t>();
-    scalar_t* pga = grad_a.mutable_data_ptr<scalar_t>();
-    scalar_t* pgb = grad_b.mutable_data_ptr<scalar_t>();
-    const acc_t* pk = k.const_data_ptr<acc_t>();
-    const bool contiguous_runs = L.rows_contiguous();
-    const int64_t grain = std::max<int64_t>(1, kGrainElements / L.D);
-    at::parallel_for(0, L.N * L.C, grain, [&](int64_t begin, int64_t end) {
-      for (int64_t r = begin; r < end; ++r) {
-        const int64_t n = r / L.C, c = r % L.C;
-        const acc_t* kr = pk + r * kNumCoefs;
-        for (int64_t i0 = 0; i0 < L.size[0]; ++i0) {
-          for (int64_t i1 = 0; i1 < L.size[1]; ++i1) {
-            const int64_t oa = offset(L, 0, n, c, i0, i1, 0), ob = offset(L, 1, n, c, i0, i1, 0);
-            const int64_t oga = offset(L, 2, n, c, i0, i1, 0), ogb = offset(L, 3, n, c, i0, i1, 0);
-            if (contiguous_runs) {
-              grad_of_run<scalar_t, acc_t>(pa + oa, pb + ob, L.size[2], kr, pga + oga, pgb + ogb);
-              continue;
-            }
-            for (int64_t i2 = 0; i2 < L.size[2]; ++i2) {
-              acc_t gx, gy;
-              pair_grad<acc_t>(kr[kAA], kr[kAB], kr[kBA], kr[kBB], kr[kSign],
-                               static_cast<acc_t>(pa[oa + i2 * L.ss[0][2]]),
-                               static_cast<acc_t>(pb[ob + i2 * L.ss[1][2]]), gx, gy);
-              pga[oga + i2 * L.ss[2][2]] = static_cast<scalar_t>(gx);
-              pgb[ogb + i2 * L.ss[3][2]] = static_cast<scalar_t>(gy);
-            }
+template <typename scalar_t, typename acc_t>
+void stabilize_grad_impl(const scalar_t* pa, const scalar_t* pb, const acc_t* pst, const acc_t* pw, Metric metric,
+                         const PairLayout& L, scalar_t* pga, scalar_t* pgb) {
+  const acc_t D = static_cast<acc_t>(L.D);
+  if (L.channels_contiguous() && !L.rows_contiguous()) {
+    const int64_t grain = std::max<int64_t>(1, kGrainElements / (L.C * L.D));
+    at::parallel_for(0, L.N, grain, [&](int64_t begin, int64_t end) {
+      std::vector<acc_t> coef(kNumCoefs * L.C);
+      for (int64_t n = begin; n < end; ++n) {
+        for (int64_t c = 0; c < L.C; ++c) {
+          acc_t k[kNumCoefs];
+          grad_coefficients<acc_t>(metric, pst + (n * L.C + c) * kNumStats, pw[c], D, k);
+          for (int i = 0; i < kNumCoefs; ++i) coef[i * L.C + c] = k[i];
+        }
+        for (int64_t i0 = 0; i0 < L.size[0]; ++i0)
+          for (int64_t i1 = 0; i1 < L.size[1]; ++i1)
+            for (int64_t i2 = 0; i2 < L.size[2]; ++i2)
+              grad_of_columns<scalar_t, acc_t>(pa + offset(L, 0, n, 0, i0, i1, i2), pb + offset(L, 1, n, 0, i0, i1, i2),
+                                               L.C, coef.data(), pga + offset(L, 2, n, 0, i0, i1, i2),
+                                               pgb + offset(L, 3, n, 0, i0, i1, i2));
+      }
+    });
+    return;
+  }
+  const bool contiguous_runs = L.rows_contiguous();
+  const int64_t grain = std::max<int64_t>(1, kGrainElements / L.D);
+  at::parallel_for(0, L.N * L.C, grain, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      const int64_t n = r / L.C, c = r % L.C;
+      acc_t k[kNumCoefs];
+      grad_coefficients<acc_t>(metric, pst + r * kNumStats, pw[c], D, k);
+      for (int64_t i0 = 0; i0 < L.size[0]; ++i0) {
+        for (int64_t i1 = 0; i1 < L.size[1]; ++i1) {
+          const int64_t oa = offset(L, 0, n, c, i0, i1, 0), ob = offset(L, 1, n, c, i0, i1, 0);
+          const int64_t oga = offset(L, 2, n, c, i0, i1, 0), ogb = offset(L, 3, n, c, i0, i1, 0);
+          if (contiguous_runs) {
+            grad_of_run<scalar_t, acc_t>(pa + oa, pb + ob, L.size[2], k, pga + oga, pgb + ogb);
+            continue;
+          }
+          for (int64_t i2 = 0; i2 < L.size[2]; ++i2) {
+            acc_t gx, gy;
+            pair_grad<acc_t>(k[kAA], k[kAB], k[kBA], k[kBB], k[kSign], static_cast<acc_t>(pa[oa + i2 * L.ss[0][2]]),
+                             static_cast<acc_t>(pb[ob + i2 * L.ss[1][2]]), gx, gy);
+            pga[oga + i2 * L.ss[2][2]] = static_cast<scalar_t>(gx);
+            pgb[ogb + i2 * L.ss[3][2]] = static_cast<scalar_t>(gy);
           }
         }
       }
-    });
+    }
+  });
+}
+
+std::tuple<at::Tensor, at::Tensor> stabilize_grad_cpu(const at::Tensor& a, const at::Tensor& b, const at::Tensor& stats,
+                                                      const at::Tensor& weight, c10::string_view metric,
+                                                      int64_t channel_dim) {
+  const char* op = "neurosens._stabilize_grad";
+  const int64_t cdim = check_pair(a, b, channel_dim, op);
+  check_grad_inputs(a, stats, weight, cdim, op);
+  const Metric m = parse_metric(std::string(metric), op, "metric");
+  at::Tensor grad_a = at::empty_like(a);
+  at::Tensor grad_b = at::empty_like(b);
+  const at::Tensor st = stats.contiguous(), w = weight.contiguous();
+  const PairLayout L = make_layout({a, b, grad_a, grad_b}, cdim, op);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.scalar_type(), "neurosens._stabilize_grad", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    stabilize_grad_impl<scalar_t, acc_t>(a.const_data_ptr<scalar_t>(), b.const_data_ptr<scalar_t>(),
+                                         st.const_data_ptr<acc_t>(), w.const_data_ptr<acc_t>(), m, L,
+                                         grad_a.mutable_data_ptr<scalar_t>(), grad_b.mutable_data_ptr<scalar_t>());
   });
   return {grad_a, grad_b};
 }
@@ -214,7 +256,7 @@ std::tuple<at::Tensor, at::Tensor> pair_grad_cpu(const at::Tensor& a, const at::
 
 TORCH_LIBRARY_IMPL(neurosens, CPU, m) {
   m.impl("_pair_stats", &pair_stats_cpu);
-  m.impl("_pair_grad", &pair_grad_cpu);
+  m.impl("_stabilize_grad", &stabilize_grad_cpu);
 }
 
 }  // namespace neurosens

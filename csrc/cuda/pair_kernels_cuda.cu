@@ -16,6 +16,7 @@
 
 #include <algorithm>
 
+#include "common/metric.h"
 #include "common/pair_layout.h"
 #include "common/pair_math.h"
 
@@ -162,6 +163,15 @@ at::Tensor pair_stats_cuda(const at::Tensor& a, const at::Tensor& b, int64_t cha
   return segs == 1 ? partial.squeeze(0) : partial.sum(0);
 }
 
+// A thread per (sample, neuron): the backward coefficients from the saved statistics.
+template <typename acc_t>
+__global__ void coefficients_kernel(const acc_t* __restrict__ stats, const acc_t* __restrict__ weight, int64_t N,
+                                    int64_t C, int64_t D, Metric metric, acc_t* __restrict__ coef) {
+  const int64_t r = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (r >= N * C) return;
+  grad_coefficients<acc_t>(metric, stats + r * kNumStats, weight[r % C], static_cast<acc_t>(D), coef + r * kNumCoefs);
+}
+
 // A thread per element; `channels_inner` orders elements as (n, j, c), else (n, c, j), so that
 // consecutive threads touch consecutive addresses in the common layouts.
 template <typename scalar_t, typename acc_t, bool channels_inner>
@@ -191,26 +201,34 @@ __global__ void grad_kernel(const scalar_t* __restrict__ a, const scalar_t* __re
   }
 }
 
-std::tuple<at::Tensor, at::Tensor> pair_grad_cuda(const at::Tensor& a, const at::Tensor& b, const at::Tensor& coef,
-                                                  int64_t channel_dim) {
-  const int64_t cdim = check_pair(a, b, channel_dim, "neurosens._pair_grad");
-  check_coef(a, coef, cdim, "neurosens._pair_grad");
+std::tuple<at::Tensor, at::Tensor> stabilize_grad_cuda(const at::Tensor& a, const at::Tensor& b,
+                                                       const at::Tensor& stats, const at::Tensor& weight,
+                                                       c10::string_view metric, int64_t channel_dim) {
+  const char* op = "neurosens._stabilize_grad";
+  const int64_t cdim = check_pair(a, b, channel_dim, op);
+  check_grad_inputs(a, stats, weight, cdim, op);
+  const Metric m = parse_metric(std::string(metric), op, "metric");
   const c10::cuda::CUDAGuard guard(a.device());
   const auto stream = c10::cuda::getCurrentCUDAStream();
   at::Tensor grad_a = at::empty_like(a);
   at::Tensor grad_b = at::empty_like(b);
-  const at::Tensor k = coef.contiguous();
-  const PairLayout L = make_layout({a, b, grad_a, grad_b}, cdim, "neurosens._pair_grad");
+  const at::Tensor st = stats.contiguous(), w = weight.contiguous();
+  at::Tensor coef = at::empty({a.size(0), a.size(cdim), kNumCoefs}, stats.options());
+  const PairLayout L = make_layout({a, b, grad_a, grad_b}, cdim, op);
   const bool channels_inner = L.channels_contiguous() && !L.rows_contiguous();
   const int64_t total = L.N * L.C * L.D;
   const int64_t sms = multiprocessors(a.device());
   const int64_t blocks = std::max<int64_t>(1, std::min<int64_t>((total + kThreads - 1) / kThreads, sms * 32));
 
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.scalar_type(), "neurosens._pair_grad", [&] {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.scalar_type(), "neurosens._stabilize_grad", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const scalar_t* pa = a.const_data_ptr<scalar_t>();
     const scalar_t* pb = b.const_data_ptr<scalar_t>();
-    const acc_t* pk = k.const_data_ptr<acc_t>();
+    const int64_t rows = L.N * L.C;
+    coefficients_kernel<acc_t><<<static_cast<unsigned>((rows + kThreads - 1) / kThreads), kThreads, 0, stream>>>(
+        st.const_data_ptr<acc_t>(), w.const_data_ptr<acc_t>(), L.N, L.C, L.D, m, coef.mutable_data_ptr<acc_t>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    const acc_t* pk = coef.const_data_ptr<acc_t>();
     scalar_t* pga = grad_a.mutable_data_ptr<scalar_t>();
     scalar_t* pgb = grad_b.mutable_data_ptr<scalar_t>();
     if (channels_inner) {
@@ -227,7 +245,7 @@ std::tuple<at::Tensor, at::Tensor> pair_grad_cuda(const at::Tensor& a, const at:
 
 TORCH_LIBRARY_IMPL(neurosens, CUDA, m) {
   m.impl("_pair_stats", &pair_stats_cuda);
-  m.impl("_pair_grad", &pair_grad_cuda);
+  m.impl("_stabilize_grad", &stabilize_grad_cuda);
 }
 
 }  // namespace neurosens
