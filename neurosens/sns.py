@@ -1,0 +1,136 @@
+"""Sensitive Neuron Stabilizing (SNS): keep the most sensitive neurons' outputs alike on x and x'.
+
+On each batch the benign and adversarial outputs of the chosen layers are captured (with their
+graphs), the top-k most sensitive neurons of each layer are selected on that batch by
+``select_metric`` (the selection is not differentiated), and the fused :func:`neurosens.ops.stabilize`
+op gives the stabilizing term and its gradient::
+
+    reg = SNSRegularizer(model, layers=["conv2", "fc1"], k=0.1, lam=1.0)
+    for x, y in loader:
+        x_adv = attack(x, y)
+        with reg.capture():
+            logits, logits_adv = model(x), model(x_adv)
+        loss = F.cross_entropy(logits_adv, y) + reg.loss()
+
+Under ``torch.distributed`` the per-neuron statistics are summed over ranks before the top-k, so
+every rank stabilizes the same neurons.
+"""
+import math
+
+import torch
+import torch.distributed as dist
+
+from .capture import LayerHooks, check_channel_dim, select_layers, unwrap
+from .ops import _check_metric, neuron_distance, resolve_k, stabilize
+
+
+def _check_k(k):
+    if isinstance(k, bool) or not isinstance(k, (int, float)):
+        raise TypeError(f"SNS: k must be an int count or a float fraction, got {k!r}")
+    if isinstance(k, float) and not 0.0 < k <= 1.0:
+        raise ValueError(f"SNS: k={k} as a fraction must be in (0, 1]")
+    if isinstance(k, int) and k < 1:
+        raise ValueError(f"SNS: k={k} must be at least 1")
+
+
+def _declared_neurons(module, channel_dim):
+    """Neurons of a layer known before it runs (conv channels, linear units), else None."""
+    if channel_dim == 1 and isinstance(module, (torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Conv3d)):
+        return module.out_channels
+    if channel_dim in (1, -1) and isinstance(module, torch.nn.Linear):
+        return module.out_features
+    return None
+
+
+class SNSRegularizer:
+    """The SNS term for any training loop (see the module docstring).
+
+    ``layers`` selects layers as :func:`neurosens.capture.select_layers` does; ``k`` is a count or a
+    fraction of each layer's neurons, or a ``{layer: k}`` dict; ``metric`` ("cosine", "l1", "l2") is
+    the stabilizing distance and ``select_metric`` the sensitivity that ranks neurons; ``lam`` weighs
+    the mean of the per-layer terms; ``refresh`` re-selects every that many calls of :meth:`loss`
+    (in between the last selection is kept); ``detach_benign`` pulls only the adversarial side.
+    """
+
+    def __init__(self, model, layers="auto", k=0.1, lam=1.0, metric="cosine", select_metric="l1", refresh=1,
+                 detach_benign=False, channel_dim=1, auto="conv_linear", output_index=None):
+        self.modules = select_layers(unwrap(model), layers, auto)
+        _check_metric(metric, "SNS")
+        _check_metric(select_metric, "SNS", arg="select_metric")
+        if not isinstance(lam, (int, float)) or isinstance(lam, bool) or not math.isfinite(lam) or lam < 0:
+            raise ValueError(f"SNS: lam={lam!r} must be a finite number >= 0")
+        if isinstance(refresh, bool) or not isinstance(refresh, int) or refresh < 1:
+            raise ValueError(f"SNS: refresh={refresh!r} must be an int >= 1 (re-select every that many batches)")
+        ks = k if isinstance(k, dict) else {name: k for name in self.modules}
+        unknown = sorted(set(ks) - set(self.modules))
+        if unknown:
+            raise ValueError(f"SNS: k is given for layers that are not regularized: {', '.join(unknown)}")
+        missing = sorted(set(self.modules) - set(ks))
+        if missing:
+            raise ValueError(f"SNS: k has no entry for layers {', '.join(missing)}")
+        for name, value in ks.items():
+            _check_k(value)
+            neurons = _declared_neurons(self.modules[name], channel_dim)
+            if neurons is not None:
+                resolve_k(value, neurons, f"SNS layer {name!r}")
+        self.k = ks
+        self.lam = float(lam)
+        self.metric, self.select_metric = metric, select_metric
+        self.refresh = refresh
+        self.detach_benign = detach_benign
+        self.channel_dim = channel_dim
+        self.output_index = output_index
+        self.selections = {}  # layer -> indices of the neurons stabilized last
+        self._outputs = {name: [] for name in self.modules}
+        self._calls = 0
+
+    def capture(self):
+        """Context manager recording the chosen layers' outputs, with their graphs."""
+        for outs in self._outputs.values():
+            outs.clear()
+        return LayerHooks(self.modules, lambda name, t: self._outputs[name].append(t), self.output_index)
+
+    def _pair(self, name):
+        outs = self._outputs[name]
+        if len(outs) == 2:
+            return outs
+        if len(outs) == 1:
+            if outs[0].shape[0] % 2:
+                raise ValueError(f"SNS layer {name!r}: one forward of odd batch {outs[0].shape[0]} cannot be split into [x; x_adv]")
+            return outs[0].chunk(2)
+        raise RuntimeError(
+            f"SNS layer {name!r} ran {len(outs)} times inside capture(); expected a benign and an adversarial "
+            "forward (or one forward of the concatenated [x; x_adv])"
+        )
+
+    def _select(self, a, b, k, cdim, distributed):
+        stat = neuron_distance(a, b, self.select_metric, cdim).sum
+        if distributed:
+            dist.all_reduce(stat)
+        return torch.topk(stat, k).indices
+
+    def loss(self):
+        """``lam`` times the mean over layers of the stabilizing term of each layer's selection."""
+        distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+        select_now = self._calls % self.refresh == 0
+        terms = []
+        for name in self.modules:
+            a, b = self._pair(name)
+            cdim = check_channel_dim(name, a, self.channel_dim)
+            if self.detach_benign:
+                a = a.detach()
+            k = resolve_k(self.k[name], a.shape[cdim], f"SNS layer {name!r}")
+            if select_now and not distributed:
+                # One pass: the fused op selects and stabilizes together.
+                term, self.selections[name] = stabilize(
+                    a, b, k=k, metric=self.metric, select_metric=self.select_metric, channel_dim=cdim, return_indices=True
+                )
+            else:
+                if select_now or name not in self.selections:
+                    self.selections[name] = self._select(a, b, k, cdim, distributed)
+                term = stabilize(a, b, indices=self.selections[name], metric=self.metric, channel_dim=cdim)
+            terms.append(term)
+        for outs in self._outputs.values():
+            outs.clear()
+        self._calls += 1
+        return self.lam * torch.stack(terms).mean()

@@ -1,0 +1,168 @@
+"""The SNS regularizer against a plain-PyTorch rendering of the same loss."""
+import pytest
+import torch
+from torch import nn
+
+from neurosens import reference
+from neurosens.sns import SNSRegularizer
+
+
+def small_net(dtype=torch.float64):
+    torch.manual_seed(0)
+    net = nn.Sequential()
+    net.add_module("conv1", nn.Conv2d(1, 6, 3, padding=1))
+    net.add_module("relu1", nn.ReLU())
+    net.add_module("conv2", nn.Conv2d(6, 8, 3, padding=1))
+    net.add_module("relu2", nn.ReLU())
+    net.add_module("flatten", nn.Flatten())
+    net.add_module("fc1", nn.Linear(8 * 36, 12))
+    net.add_module("relu3", nn.ReLU())
+    net.add_module("fc2", nn.Linear(12, 3))
+    return net.to(dtype)
+
+
+def batch(dtype=torch.float64, n=5):
+    gen = torch.Generator().manual_seed(1)
+    x = torch.rand(n, 1, 6, 6, generator=gen, dtype=dtype)
+    return x, (x + 0.2 * torch.rand(x.shape, generator=gen, dtype=dtype)).clamp(0, 1)
+
+
+def reference_loss(net, x, x_adv, layers, k, lam, metric, select_metric):
+    acts = {}
+    hooks = [dict(net.named_modules())[name].register_forward_hook(
+        lambda m, i, o, name=name: acts.setdefault(name, []).append(o)) for name in layers]
+    try:
+        net(x)
+        net(x_adv)
+    finally:
+        for h in hooks:
+            h.remove()
+    terms = []
+    for name in layers:
+        a, b = acts[name]
+        C = a.shape[1]
+        kk = max(1, round(k * C)) if isinstance(k, float) else k
+        terms.append(reference.stabilize(a, b, k=kk, metric=metric, select_metric=select_metric)[0])
+    return lam * torch.stack(terms).mean()
+
+
+@pytest.mark.parametrize("metric", ["cosine", "l1", "l2"])
+@pytest.mark.parametrize("select_metric", ["l1", "cosine"])
+def test_gradient_equals_the_reference(metric, select_metric):
+    layers = ["conv1", "conv2", "fc1"]
+    net = small_net()
+    x, x_adv = batch()
+    reg = SNSRegularizer(net, layers=layers, k=0.3, lam=0.7, metric=metric, select_metric=select_metric)
+    with reg.capture():
+        net(x)
+        net(x_adv)
+    loss = reg.loss()
+    params = list(net.parameters())[:6]  # conv1, conv2, fc1: fc2 lies above every regularized layer
+    grads = torch.autograd.grad(loss, params)
+    expected = reference_loss(net, x, x_adv, layers, 0.3, 0.7, metric, select_metric)
+    expected_grads = torch.autograd.grad(expected, params)
+    torch.testing.assert_close(loss, expected)
+    for g, e in zip(grads, expected_grads):
+        torch.testing.assert_close(g, e)
+    # Weights are pulled (biases cancel in a - b for l1 and l2, so only weights are checked).
+    assert all(g.abs().sum() > 0 for g in grads[0::2])
+
+
+def test_one_concatenated_forward_equals_two_forwards():
+    net = small_net()
+    x, x_adv = batch()
+    reg = SNSRegularizer(net, layers=["conv2", "fc1"], k=2)
+    with reg.capture():
+        net(x)
+        net(x_adv)
+    two = reg.loss()
+    with reg.capture():
+        net(torch.cat([x, x_adv]))
+    one = reg.loss()
+    torch.testing.assert_close(one, two)
+
+
+def test_selection_is_deterministic_and_refreshed_on_schedule():
+    def selections(seed, refresh):
+        torch.manual_seed(seed)
+        net = small_net(torch.float32)
+        reg = SNSRegularizer(net, layers=["conv2"], k=3, refresh=refresh)
+        picked = []
+        for step in range(4):
+            x = torch.rand(8, 1, 6, 6, generator=torch.Generator().manual_seed(seed * 10 + step))
+            with reg.capture():
+                net(x)
+                net((x + 0.3 * torch.rand_like(x)).clamp(0, 1))
+            reg.loss().backward()
+            picked.append(reg.selections["conv2"].tolist())
+        return picked
+
+    assert selections(0, 1) == selections(0, 1)
+    kept = selections(0, 2)
+    assert kept[0] == kept[1] and kept[2] == kept[3]
+
+
+def test_lam_scales_the_term_and_zero_gives_zero():
+    net = small_net()
+    x, x_adv = batch()
+    values = []
+    for lam in (0.0, 1.0, 2.5):
+        reg = SNSRegularizer(net, layers=["conv1"], k=2, lam=lam)
+        with reg.capture():
+            net(x)
+            net(x_adv)
+        values.append(reg.loss())
+    assert values[0].item() == 0.0
+    torch.testing.assert_close(values[2], 2.5 * values[1])
+
+
+def test_detach_benign_pulls_only_the_adversarial_side():
+    net = small_net()
+    x, x_adv = batch()
+    x.requires_grad_(True)
+    x_adv.requires_grad_(True)
+    reg = SNSRegularizer(net, layers=["conv2"], k=2, detach_benign=True)
+    with reg.capture():
+        net(x)
+        net(x_adv)
+    gx, gadv = torch.autograd.grad(reg.loss(), [x, x_adv], allow_unused=True)
+    assert gx is None and gadv.abs().sum() > 0
+
+
+@pytest.mark.parametrize(
+    "options,error,message",
+    [
+        ({"layers": ["conv9"]}, ValueError, "no layer named 'conv9'.*conv1"),
+        ({"layers": ["conv1"], "k": 7}, ValueError, r"layer 'conv1'.*k=7 is out of range.*6 neurons"),
+        ({"layers": ["fc2"], "k": 1.5}, ValueError, r"k=1.5 as a fraction must be in \(0, 1\]"),
+        ({"metric": "kl"}, ValueError, "unknown metric='kl'"),
+        ({"select_metric": "max"}, ValueError, "unknown select_metric='max'"),
+        ({"lam": -1.0}, ValueError, "lam=-1.0"),
+        ({"refresh": 0}, ValueError, "refresh=0"),
+        ({"layers": ["conv1"], "k": {"conv2": 2}}, ValueError, "not regularized: conv2"),
+    ],
+)
+def test_bad_options_fail_at_construction(options, error, message):
+    with pytest.raises(error, match=message):
+        SNSRegularizer(small_net(), **options)
+
+
+def test_hooks_are_removed_even_when_the_forward_raises():
+    net = small_net()
+    reg = SNSRegularizer(net, layers=["conv1", "fc1"], k=1)
+    with pytest.raises(RuntimeError):
+        with reg.capture():
+            net(torch.rand(2, 1, 5, 5, dtype=torch.float64))  # wrong size for fc1
+    assert all(not m._forward_hooks for m in net.modules())
+
+
+def test_layer_run_three_times_is_an_error():
+    net = small_net()
+    reg = SNSRegularizer(net, layers=["conv1"], k=1)
+    x, x_adv = batch()
+    with reg.capture():
+        net(x)
+        net(x_adv)
+        net(x)
+    with pytest.raises(RuntimeError, match="ran 3 times"):
+        reg.loss()
