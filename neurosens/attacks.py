@@ -1,0 +1,241 @@
+"""White-box attacks: FGSM, PGD (L-inf and L2), CW-L-inf, and AutoAttack through torchattacks.
+
+Call convention::
+
+    atk = PGD(model, eps=8/255, alpha=2/255, steps=10)
+    x_adv = atk(x, y)                  # untargeted
+    x_adv = atk(x, y, target=t)        # with targeted=True; t defaults to a random wrong class
+
+Inputs are pixels in [0, 1]. An attack runs the model in eval mode and restores every module's
+own mode afterwards; it differentiates with ``torch.autograd.grad`` with respect to the input only,
+so the parameters' ``.grad`` are never touched. The result is detached, inside [0, 1] and inside
+the eps-ball around ``x``.
+"""
+import contextlib
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+NORMS = ("linf", "l2")
+LOSSES = ("ce", "cw")
+STARTS = ("uniform", "normal", "none")
+
+
+@contextlib.contextmanager
+def eval_mode(model):
+    """Put every module of ``model`` in eval mode, and give each back its own mode on exit."""
+    modes = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        yield model
+    finally:
+        for m, training in modes:
+            m.training = training
+
+
+def margin_loss(logits, y):
+    """Per-sample CW margin: the best other logit minus the logit of ``y`` (> 0 means misclassified)."""
+    true = logits.gather(1, y[:, None]).squeeze(1)
+    other = logits.masked_fill(F.one_hot(y, logits.shape[1]).bool(), float("-inf")).amax(1)
+    return other - true
+
+
+def _per_sample_norm(t, norm):
+    flat = t.flatten(1)
+    return (flat.abs().amax(1) if norm == "linf" else flat.norm(dim=1)).view(-1, *[1] * (t.dim() - 1))
+
+
+def project(x_adv, x, eps, norm):
+    """Project ``x_adv`` onto the eps-ball around ``x`` and the [0, 1] box."""
+    delta = x_adv - x
+    if norm == "linf":
+        delta = delta.clamp(-eps, eps)
+    else:
+        delta = delta * (eps / _per_sample_norm(delta, "l2").clamp_min(1e-12)).clamp(max=1.0)
+    # Clamping to the box only shrinks each coordinate of delta, so the ball still holds.
+    return (x + delta).clamp(0, 1)
+
+
+def random_targets(y, num_classes, generator=None):
+    """A uniformly random class different from ``y`` for every sample."""
+    shift = torch.randint(1, num_classes, y.shape, device=y.device, generator=generator)
+    return (y + shift) % num_classes
+
+
+class Attack:
+    """Base class: validates the budget, handles mode, targets and final projection.
+
+    Subclasses implement ``_perturb(x, y, target)`` and may use ``self._loss`` (the per-sample
+    objective the attack maximizes)."""
+
+    name = "attack"
+
+    def __init__(self, model, eps, norm="linf", loss="ce", targeted=False, num_classes=None):
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+        if not (isinstance(eps, (int, float)) and eps >= 0):
+            raise ValueError(f"eps={eps!r}: must be a number >= 0 (pixel units, inputs in [0, 1])")
+        if norm not in NORMS:
+            raise ValueError(f"norm={norm!r} is unknown; expected one of {', '.join(NORMS)}")
+        if not callable(loss) and loss not in LOSSES:
+            raise ValueError(f"loss={loss!r} is unknown; expected one of {', '.join(LOSSES)} or a callable")
+        self.model, self.eps, self.norm, self.loss, self.targeted = model, float(eps), norm, loss, bool(targeted)
+        self.num_classes = num_classes
+
+    def __repr__(self):
+        fields = {k: v for k, v in vars(self).items() if k != "model" and not k.startswith("_")}
+        return f"{type(self).__name__}({', '.join(f'{k}={v!r}' for k, v in fields.items())})"
+
+    def _loss(self, logits, y):
+        """Per-sample objective to maximize; for a targeted attack ``y`` is the target."""
+        if callable(self.loss):
+            value = self.loss(logits, y)
+        elif self.loss == "ce":
+            value = F.cross_entropy(logits, y, reduction="none")
+        else:
+            value = margin_loss(logits, y)
+        return -value if self.targeted else value
+
+    def _grad(self, x_adv, y):
+        x_adv = x_adv.detach().requires_grad_(True)
+        loss = self._loss(self.model(x_adv), y)
+        grad, = torch.autograd.grad(loss.sum(), x_adv)
+        return grad, loss.detach()
+
+    def __call__(self, x, y, target=None):
+        if x.dim() < 2 or y.dim() != 1 or len(x) != len(y):
+            raise ValueError(f"expected x [N, ...] and labels [N], got x {tuple(x.shape)} and y {tuple(y.shape)}")
+        x = x.detach()
+        if self.eps == 0:
+            return x.clone()
+        with eval_mode(self.model), torch.enable_grad():
+            if self.targeted:
+                if target is None:
+                    num_classes = self.num_classes or self.model(x[:1]).shape[1]
+                    target = random_targets(y, num_classes)
+                y = target
+            elif target is not None:
+                raise ValueError("target= was given to an untargeted attack; build it with targeted=True")
+            x_adv = self._perturb(x, y.detach())
+        return project(x_adv.detach(), x, self.eps, self.norm)
+
+    def _perturb(self, x, y):
+        raise NotImplementedError
+
+
+class FGSM(Attack):
+    """One signed-gradient step of size eps (L-inf), or one normalized-gradient step (L2)."""
+
+    name = "fgsm"
+
+    def _perturb(self, x, y):
+        grad, _ = self._grad(x, y)
+        return x + self.eps * _direction(grad, self.norm)
+
+
+def _direction(grad, norm):
+    if norm == "linf":
+        return grad.sign()
+    return grad / _per_sample_norm(grad, "l2").clamp_min(1e-12)
+
+
+class PGD(Attack):
+    """Projected gradient descent (Madry et al.) on cross-entropy, or on the CW margin (``loss="cw"``).
+
+    ``alpha`` is the step size (default ``2.5 * eps / steps``). ``random_start``: ``"uniform"``
+    (or True) in the eps-ball, ``"normal"`` (0.001 * N(0, 1), as TRADES starts), ``"none"`` (or
+    False). With ``restarts`` > 1, each sample keeps the restart that fooled the model, else the one
+    with the highest loss.
+    """
+
+    name = "pgd"
+
+    def __init__(self, model, eps, alpha=None, steps=10, norm="linf", random_start=True, restarts=1,
+                 loss="ce", targeted=False, num_classes=None):
+        super().__init__(model, eps, norm, loss, targeted, num_classes)
+        if not isinstance(steps, int) or steps < 1:
+            raise ValueError(f"steps={steps!r}: must be an integer >= 1")
+        if not isinstance(restarts, int) or restarts < 1:
+            raise ValueError(f"restarts={restarts!r}: must be an integer >= 1")
+        alpha = 2.5 * self.eps / steps if alpha is None else alpha
+        # A zero budget needs no step; any other budget needs a positive one.
+        if not (isinstance(alpha, (int, float)) and (alpha > 0 or alpha == self.eps == 0)):
+            raise ValueError(f"alpha={alpha!r}: the step size must be a number > 0")
+        start = {True: "uniform", False: "none"}.get(random_start, random_start)
+        if start not in STARTS:
+            raise ValueError(f"random_start={random_start!r}: expected True, False or one of {', '.join(STARTS)}")
+        self.alpha, self.steps, self.random_start, self.restarts = float(alpha), steps, start, restarts
+
+    def _start(self, x):
+        if self.random_start == "none":
+            return x.clone()
+        if self.random_start == "normal":
+            return project(x + 0.001 * torch.randn_like(x), x, self.eps, self.norm)
+        if self.norm == "linf":
+            return (x + torch.empty_like(x).uniform_(-self.eps, self.eps)).clamp(0, 1)
+        direction = torch.randn_like(x)
+        direction = direction / _per_sample_norm(direction, "l2").clamp_min(1e-12)
+        radius = self.eps * torch.rand((len(x),) + (1,) * (x.dim() - 1), device=x.device, dtype=x.dtype)
+        return (x + radius * direction).clamp(0, 1)
+
+    def _run(self, x, y):
+        x_adv = self._start(x)
+        for _ in range(self.steps):
+            grad, _ = self._grad(x_adv, y)
+            x_adv = project(x_adv + self.alpha * _direction(grad, self.norm), x, self.eps, self.norm)
+        with torch.no_grad():
+            logits = self.model(x_adv)
+            loss = self._loss(logits, y)
+            fooled = logits.argmax(1) == y if self.targeted else logits.argmax(1) != y
+        return x_adv, loss, fooled
+
+    def _perturb(self, x, y):
+        best, best_loss, best_fooled = self._run(x, y)
+        for _ in range(self.restarts - 1):
+            x_adv, loss, fooled = self._run(x, y)
+            # A success beats any failure; between equals, the higher loss wins.
+            better = (fooled & ~best_fooled) | ((fooled == best_fooled) & (loss > best_loss))
+            best = torch.where(better.view(-1, *[1] * (x.dim() - 1)), x_adv, best)
+            best_loss, best_fooled = torch.where(better, loss, best_loss), best_fooled | fooled
+        return best
+
+
+class CW(PGD):
+    """CW-L-inf: PGD on the Carlini-Wagner margin loss (``PGD(loss="cw")``)."""
+
+    name = "cw"
+
+    def __init__(self, model, eps, alpha=None, steps=30, norm="linf", random_start=True, restarts=1,
+                 targeted=False, num_classes=None):
+        super().__init__(model, eps, alpha, steps, norm, random_start, restarts, "cw", targeted, num_classes)
+
+
+class AutoAttack(Attack):
+    """AutoAttack (APGD-CE, APGD-T, FAB-T, Square; the "standard" version) via ``torchattacks``,
+    an optional dependency: ``pip install torchattacks`` (or ``neurosens[attacks]``)."""
+
+    name = "autoattack"
+
+    def __init__(self, model, eps, norm="linf", num_classes=10, version="standard", seed=0):
+        super().__init__(model, eps, norm, "ce", False, num_classes)
+        try:
+            import torchattacks
+        except ImportError as e:
+            raise ImportError("AutoAttack needs the optional package torchattacks: "
+                              "pip install torchattacks (or pip install 'neurosens[attacks]')") from e
+        self._attack = torchattacks.AutoAttack(model, norm={"linf": "Linf", "l2": "L2"}[norm], eps=self.eps,
+                                               version=version, n_classes=num_classes, seed=seed)
+        self.version, self.seed = version, seed
+
+    def __call__(self, x, y, target=None):
+        if target is not None:
+            raise ValueError("AutoAttack (standard) is untargeted in its call; do not pass target=")
+        return super().__call__(x, y)
+
+    def _perturb(self, x, y):
+        return self._attack(x, y)
+
+
+#: Name -> class, for building attacks from configuration.
+ATTACKS = {"fgsm": FGSM, "pgd": PGD, "cw": CW, "autoattack": AutoAttack}

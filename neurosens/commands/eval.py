@@ -1,0 +1,91 @@
+"""`neurosens eval`: clean and robust accuracy of a trained model under several attacks."""
+import json
+import time
+
+HELP = "Evaluate a checkpoint: clean accuracy and accuracy under FGSM, PGD-k, CW-Linf and AutoAttack; prints a table, writes JSON."
+
+CHOICES = ("clean", "fgsm", "pgd", "cw", "autoattack")
+
+
+def add_arguments(parser):
+    from ..data import DATASETS
+
+    parser.add_argument("checkpoint", help="model.pt or checkpoint.pt written by `neurosens train`")
+    parser.add_argument("--data", choices=sorted(DATASETS), help="data set (default: the one the model was trained on)")
+    parser.add_argument("--root", help="data root (default: $NEUROSENS_DATA or ./data)")
+    parser.add_argument("--eps", type=float, required=True, help="attack budget in pixel units")
+    parser.add_argument("--norm", default="linf", choices=["linf", "l2"], help="(default: linf)")
+    parser.add_argument("--attacks", default="clean,fgsm,pgd,cw,autoattack",
+                        help=f"comma-separated, from {', '.join(CHOICES)} (default: all)")
+    parser.add_argument("--steps", type=int, default=40, help="PGD and CW steps (default: 40)")
+    parser.add_argument("--alpha", type=float, help="PGD and CW step size (default: 2.5 * eps / steps)")
+    parser.add_argument("--restarts", type=int, default=1, help="PGD and CW random restarts (default: 1)")
+    parser.add_argument("-n", "--num", type=int, default=1000, help="first N test images (default: 1000; 0 for all)")
+    parser.add_argument("--batch-size", type=int, default=500, help="(default: 500)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the random starts (default: 0)")
+    parser.add_argument("--threads", type=int, help="torch CPU threads")
+    parser.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when available)")
+    parser.add_argument("--json", dest="json_out", help="write the results to this JSON file")
+
+
+def build_attacks(names, model, eps, norm, steps, alpha, restarts, num_classes, seed):
+    from ..attacks import CW, FGSM, PGD, AutoAttack
+
+    attacks = {}
+    for name in names:
+        if name == "fgsm":
+            attacks["fgsm"] = FGSM(model, eps, norm=norm)
+        elif name == "pgd":
+            attacks[f"pgd-{steps}"] = PGD(model, eps, alpha, steps, norm, restarts=restarts)
+        elif name == "cw":
+            attacks[f"cw-{steps}"] = CW(model, eps, alpha, steps, norm, restarts=restarts)
+        elif name == "autoattack":
+            attacks["autoattack"] = AutoAttack(model, eps, norm, num_classes=num_classes, seed=seed)
+    return attacks
+
+
+def run(args):
+    import torch
+
+    from .. import data as datasets
+    from ..training import evaluate, load_checkpoint, load_model
+
+    names = [a.strip() for a in args.attacks.split(",") if a.strip()]
+    unknown = sorted(set(names) - set(CHOICES))
+    if unknown:
+        raise SystemExit(f"--attacks: unknown {', '.join(unknown)}; choose from {', '.join(CHOICES)}")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    model = load_model(args.checkpoint, device)
+    meta = load_checkpoint(args.checkpoint).get("meta") or {}
+    data_name = args.data or meta.get("data")
+    if not data_name:
+        raise SystemExit("--data: the checkpoint does not say which data set it was trained on; pass --data")
+    test_set = datasets.load(data_name, train=False, root=args.root)
+    if args.num:
+        test_set = torch.utils.data.Subset(test_set, range(min(args.num, len(test_set))))
+    loader = datasets.make_loader(test_set, args.batch_size)
+    num_classes = meta.get("model", {}).get("num_classes", 10)
+
+    rows = {}
+    if "clean" in names:
+        started = time.perf_counter()
+        rows["clean"] = {"accuracy": evaluate(model, loader, {}, device)["clean"], "seconds": time.perf_counter() - started}
+    for label, attack in build_attacks(names, model, args.eps, args.norm, args.steps, args.alpha, args.restarts,
+                                       num_classes, args.seed).items():
+        torch.manual_seed(args.seed)
+        started = time.perf_counter()
+        result = evaluate(model, loader, {label: attack}, device, progress=True)
+        rows[label] = {"accuracy": result[label], "seconds": time.perf_counter() - started}
+
+    report = {"checkpoint": str(args.checkpoint), "data": data_name, "n": len(test_set), "eps": args.eps, "norm": args.norm,
+              "steps": args.steps, "alpha": args.alpha, "restarts": args.restarts, "results": rows}
+    print(f"{data_name}, {len(test_set)} test images, {args.norm} eps={args.eps:g}")
+    print(f"{'attack':<12} {'accuracy':>9} {'time (s)':>9}")
+    for label, row in rows.items():
+        print(f"{label:<12} {100 * row['accuracy']:>8.2f}% {row['seconds']:>9.1f}")
+    if args.json_out:
+        with open(args.json_out, "w") as f:
+            json.dump(report, f, indent=2)
+    return 0

@@ -1,0 +1,83 @@
+"""`neurosens train`: train a model with the standard, PGD-AT or TRADES method."""
+import json
+
+HELP = "Train a model (standard, PGD-AT or TRADES) with per-epoch clean/PGD evaluation and resumable checkpoints."
+
+
+def add_arguments(parser):
+    from ..data import DATASETS
+    from ..models import MODELS
+    from ..training import METHODS, TrainConfig
+
+    d = TrainConfig()
+    parser.add_argument("--arch", default="small-cnn", choices=sorted(MODELS), help="architecture (default: small-cnn)")
+    parser.add_argument("--width", type=int, help="small-cnn: channels of conv1 (default: 16)")
+    parser.add_argument("--data", default="mnist", choices=sorted(DATASETS), help="data set (default: mnist)")
+    parser.add_argument("--root", help="data root (default: $NEUROSENS_DATA or ./data)")
+    parser.add_argument("--train-limit", type=int, help="train on a seeded random subset of this many images")
+    parser.add_argument("--no-normalize", action="store_true", help="no Normalize layer in the model")
+    parser.add_argument("--method", default=d.method, choices=sorted(METHODS), help=f"training method (default: {d.method})")
+    parser.add_argument("--eps", type=float, default=d.eps, help="L-inf (or L2) budget in pixel units (default: 8/255)")
+    parser.add_argument("--alpha", type=float, help="PGD step size while training (default: 2.5 * eps / steps)")
+    parser.add_argument("--steps", type=int, default=d.steps, help=f"PGD steps while training (default: {d.steps})")
+    parser.add_argument("--norm", default=d.norm, choices=["linf", "l2"], help="attack norm (default: linf)")
+    parser.add_argument("--eps-warmup", type=float, default=d.eps_warmup, help="epochs over which eps ramps up from 0 (default: 0)")
+    parser.add_argument("--beta", type=float, default=d.beta, help=f"TRADES weight (default: {d.beta})")
+    parser.add_argument("--epochs", type=int, default=d.epochs, help=f"epochs (default: {d.epochs})")
+    parser.add_argument("--batch-size", type=int, default=d.batch_size, help=f"global batch size (default: {d.batch_size})")
+    parser.add_argument("--optimizer", default=d.optimizer, choices=TrainConfig.OPTIMIZERS, help=f"(default: {d.optimizer})")
+    parser.add_argument("--lr", type=float, default=d.lr, help=f"peak learning rate (default: {d.lr})")
+    parser.add_argument("--momentum", type=float, default=d.momentum, help=f"SGD momentum (default: {d.momentum})")
+    parser.add_argument("--weight-decay", type=float, default=d.weight_decay, help=f"(default: {d.weight_decay})")
+    parser.add_argument("--schedule", default=d.schedule, choices=TrainConfig.SCHEDULES, help=f"learning-rate schedule (default: {d.schedule})")
+    parser.add_argument("--milestones", type=float, nargs="+", default=list(d.milestones),
+                        help="step schedule: fractions of the run where lr is multiplied by --gamma (default: 0.5 0.75)")
+    parser.add_argument("--gamma", type=float, default=d.gamma, help=f"step schedule factor (default: {d.gamma})")
+    parser.add_argument("--eval-steps", type=int, default=d.eval_steps, help=f"PGD steps of the per-epoch evaluation (default: {d.eval_steps})")
+    parser.add_argument("--eval-alpha", type=float, help="its step size (default: 2.5 * eps / eval-steps)")
+    parser.add_argument("--eval-limit", type=int, default=d.eval_limit, help=f"test images evaluated each epoch (default: {d.eval_limit})")
+    parser.add_argument("--amp", action="store_true", help="mixed precision (CUDA only)")
+    parser.add_argument("--channels-last", action="store_true", help="channels_last memory format")
+    parser.add_argument("--seed", type=int, default=d.seed, help=f"(default: {d.seed})")
+    parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument("--workers", type=int, default=0, help="DataLoader worker processes (default: 0)")
+    parser.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda when available)")
+    parser.add_argument("--out", required=True, help="run folder: checkpoint.pt, metrics.jsonl, model.pt")
+    parser.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt when it exists")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars or per-epoch lines")
+
+
+def run(args):
+    import torch
+
+    from .. import data as datasets
+    from ..models import build_model
+    from ..training import Trainer, TrainConfig, init_distributed, seed_everything
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    rank, _ = init_distributed()
+    config = TrainConfig(
+        method=args.method, epochs=args.epochs, batch_size=args.batch_size, optimizer=args.optimizer, lr=args.lr,
+        momentum=args.momentum, weight_decay=args.weight_decay, schedule=args.schedule, milestones=tuple(args.milestones),
+        gamma=args.gamma, eps=args.eps, alpha=args.alpha, steps=args.steps, norm=args.norm, eps_warmup=args.eps_warmup,
+        beta=args.beta, eval_steps=args.eval_steps, eval_alpha=args.eval_alpha, eval_limit=args.eval_limit, amp=args.amp,
+        channels_last=args.channels_last, seed=args.seed, num_workers=args.workers, progress=not args.no_progress)
+    train_set = datasets.load(args.data, train=True, root=args.root)
+    test_set = datasets.load(args.data, train=False, root=args.root)
+    if args.train_limit:
+        train_set = train_set.subset(args.train_limit, seed=args.seed)
+    mean, std = (None, None) if args.no_normalize else datasets.stats(args.data)
+    channels, size, _ = train_set.shape
+    spec = {"name": args.arch, "num_classes": train_set.num_classes, "in_channels": channels, "input_size": size,
+            "mean": list(mean) if mean else None, "std": list(std) if std else None}
+    if args.width:
+        spec["width"] = args.width
+    seed_everything(args.seed)  # the same initial weights for a given seed
+    model = build_model(**spec)
+    trainer = Trainer(model, train_set, test_set, config, out_dir=args.out, device=args.device,
+                      meta={"model": spec, "data": args.data})
+    history = trainer.fit(resume=args.resume)
+    if rank == 0 and history:
+        print(json.dumps(history[-1]))
+    return 0

@@ -1,0 +1,433 @@
+"""Training: standard, PGD-AT (Madry et al.) and TRADES, with checkpoints, exact resume and DDP.
+
+A training method is a loss function::
+
+    loss_fn(model, x, y, attack) -> (loss, logs)
+
+``model`` is the network being trained (wrapped in DistributedDataParallel under torchrun: call it
+for every forward whose gradients should be synchronized); ``attack`` is the training attack (a
+:class:`~neurosens.attacks.PGD` on the bare module, already at the current eps), whose
+``attack(x, y)`` gives the adversarial batch; ``loss`` is a scalar tensor to minimize and ``logs``
+a dict of scalar tensors (batch means, e.g. ``{"adv_acc": ...}``) averaged into the epoch metrics.
+A new method is one more entry of :data:`METHODS` (a factory taking keyword options and
+returning such a function).
+
+Everything a run needs to continue bit-identically sits in ``<out_dir>/checkpoint.pt``, written
+atomically after every epoch: model, optimizer, scheduler, grad scaler, the RNG states of torch,
+CUDA, numpy and Python on every rank, the epoch and the metrics so far. The data order is a function
+of (seed, epoch) alone. All checkpoints hold only tensors and primitive containers, so
+``torch.load(path, weights_only=True)`` reads them.
+"""
+import dataclasses
+import json
+import math
+import os
+import random
+import time
+import warnings
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import Subset
+from tqdm.auto import tqdm
+
+from .attacks import PGD, eval_mode
+from .data import make_loader
+
+CHECKPOINT = "checkpoint.pt"
+FINAL = "model.pt"
+METRICS = "metrics.jsonl"
+
+
+def _accuracy(logits, y):
+    return (logits.argmax(1) == y).float().mean().detach()
+
+
+def standard_loss(model, x, y, attack):
+    """Cross-entropy on clean inputs; the attack is not used."""
+    logits = model(x)
+    return F.cross_entropy(logits, y), {"acc": _accuracy(logits, y)}
+
+
+def pgd_at_loss(model, x, y, attack):
+    """Madry et al.: cross-entropy on the PGD adversarial batch only."""
+    logits = model(attack(x, y))
+    return F.cross_entropy(logits, y), {"adv_acc": _accuracy(logits, y)}
+
+
+def trades_loss(beta=6.0):
+    """TRADES (Zhang et al.): CE(f(x), y) + beta * KL(f(x) || f(x')), where x' maximizes the KL term
+    by PGD with the training attack's eps, step and steps, started at x + 0.001 * N(0, 1)."""
+    if beta < 0:
+        raise ValueError(f"beta={beta!r}: the TRADES weight must be >= 0")
+
+    def loss_fn(model, x, y, attack):
+        with torch.no_grad(), eval_mode(attack.model):
+            p_clean = F.softmax(attack.model(x), 1)
+
+        def kl_to_clean(logits, _):
+            return F.kl_div(F.log_softmax(logits, 1), p_clean, reduction="none").sum(1)
+
+        inner = PGD(attack.model, attack.eps, attack.alpha, attack.steps, attack.norm, random_start="normal", loss=kl_to_clean)
+        x_adv = inner(x, y)
+        logits, logits_adv = model(x), model(x_adv)
+        ce = F.cross_entropy(logits, y)
+        kl = F.kl_div(F.log_softmax(logits_adv, 1), F.softmax(logits, 1), reduction="batchmean")
+        return ce + beta * kl, {"acc": _accuracy(logits, y), "adv_acc": _accuracy(logits_adv, y),
+                                "ce": ce.detach(), "kl": kl.detach()}
+
+    return loss_fn
+
+
+#: Method name -> factory(**options) -> loss_fn(model, x, y, attack) -> (loss, logs).
+METHODS = {
+    "standard": lambda **options: standard_loss,
+    "pgd_at": lambda **options: pgd_at_loss,
+    "trades": lambda beta=6.0, **options: trades_loss(beta),
+}
+
+
+def make_loss(method, **options):
+    """The loss function of a training method (see :data:`METHODS`)."""
+    if method not in METHODS:
+        raise ValueError(f"method={method!r} is unknown; expected one of {', '.join(METHODS)}")
+    return METHODS[method](**options)
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    """Options of a run. ``batch_size`` is global (split across DDP ranks); ``eps``, ``alpha`` and
+    ``steps`` set the training PGD (``alpha`` defaults to 2.5 * eps / steps); ``eps_warmup`` ramps
+    eps linearly from 0 over that many epochs; ``milestones`` (fractions of the run) and ``gamma``
+    shape the step schedule; ``eval_*`` set the per-epoch PGD evaluation on the first ``eval_limit``
+    test images."""
+
+    method: str = "standard"
+    epochs: int = 10
+    batch_size: int = 128
+    optimizer: str = "sgd"
+    lr: float = 0.1
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    schedule: str = "cosine"
+    milestones: tuple = (0.5, 0.75)
+    gamma: float = 0.1
+    eps: float = 8 / 255
+    alpha: float = None
+    steps: int = 10
+    norm: str = "linf"
+    eps_warmup: float = 0.0
+    beta: float = 6.0
+    eval_steps: int = 20
+    eval_alpha: float = None
+    eval_limit: int = 1000
+    amp: bool = False
+    channels_last: bool = False
+    seed: int = 0
+    deterministic: bool = True
+    num_workers: int = 0
+    progress: bool = True
+
+    OPTIMIZERS = ("sgd", "adam")
+    SCHEDULES = ("cosine", "step", "constant")
+
+    def __post_init__(self):
+        if self.method not in METHODS:
+            raise ValueError(f"method={self.method!r} is unknown; expected one of {', '.join(METHODS)}")
+        if self.optimizer not in self.OPTIMIZERS:
+            raise ValueError(f"optimizer={self.optimizer!r} is unknown; expected one of {', '.join(self.OPTIMIZERS)}")
+        if self.schedule not in self.SCHEDULES:
+            raise ValueError(f"schedule={self.schedule!r} is unknown; expected one of {', '.join(self.SCHEDULES)}")
+        for name in ("epochs", "batch_size", "steps", "eval_steps"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}={getattr(self, name)!r}: must be >= 1")
+        if self.lr <= 0 or self.eps < 0 or self.eps_warmup < 0 or self.eval_limit < 0:
+            raise ValueError(f"lr must be > 0 and eps, eps_warmup, eval_limit >= 0 "
+                             f"(got lr={self.lr}, eps={self.eps}, eps_warmup={self.eps_warmup}, eval_limit={self.eval_limit})")
+        self.milestones = tuple(float(m) for m in self.milestones)
+
+    def to_dict(self):
+        return {f.name: list(v) if isinstance(v := getattr(self, f.name), tuple) else v for f in dataclasses.fields(self)}
+
+
+def seed_everything(seed, deterministic=True):
+    """Seed torch, numpy and Python; with ``deterministic``, ask torch for deterministic kernels."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+    if deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        torch.backends.cudnn.benchmark = False
+
+
+def _rng_state():
+    keys, pos, has_gauss, gauss = np.random.get_state()[1:]
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "numpy": {"keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                  "has_gauss": int(has_gauss), "gauss": float(gauss)},
+        "python": random.getstate(),
+    }
+
+
+def _set_rng_state(state):
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    n = state["numpy"]
+    np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
+    version, internal, gauss_next = state["python"]
+    random.setstate((version, tuple(internal), gauss_next))
+
+
+def init_distributed():
+    """Join the process group torchrun describes (gloo on CPU, NCCL on GPU); returns (rank, world size)."""
+    if dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return 0, 1
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    if backend == "nccl":
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    dist.init_process_group(backend)
+    return dist.get_rank(), dist.get_world_size()
+
+
+def atomic_save(obj, path):
+    """torch.save to a temporary file in the same folder, then rename: a crash never leaves half a file."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path, device="cpu"):
+    return torch.load(path, map_location=device, weights_only=True)
+
+
+def load_model(path, device="cpu"):
+    """Rebuild a model from a ``model.pt`` or ``checkpoint.pt`` written by :class:`Trainer` with
+    ``meta={"model": {build_model arguments}}``; returns it in eval mode."""
+    from .models import build_model
+
+    state = load_checkpoint(path, device)
+    spec = (state.get("meta") or {}).get("model")
+    if not spec:
+        raise ValueError(f"{path}: has no meta['model'] (the build_model arguments); rebuild the model yourself "
+                         f"and load state['model']")
+    model = build_model(**spec).to(device)
+    model.load_state_dict(state["model"])
+    return model.eval()
+
+
+def evaluate(model, loader, attacks=None, device=None, progress=False, distributed=False):
+    """Clean accuracy and the accuracy under each attack (name -> attack, each run on its own).
+
+    Returns ``{"n": images, "clean": acc, name: acc, ...}``; with ``distributed``, counts are summed
+    over the ranks (each giving its own shard)."""
+    attacks = attacks or {}
+    device = device or next(model.parameters()).device
+    names = ["clean", *attacks]
+    correct = torch.zeros(len(names), dtype=torch.float64)
+    total = 0
+    with eval_mode(model):
+        for x, y in tqdm(loader, desc="eval", unit="batch", disable=not progress, leave=False):
+            x, y = x.to(device), y.to(device)
+            for i, name in enumerate(names):
+                inputs = x if name == "clean" else attacks[name](x, y)
+                with torch.no_grad():
+                    correct[i] += (model(inputs).argmax(1) == y).sum().item()
+            total += len(y)
+    counts = torch.cat([correct, torch.tensor([float(total)], dtype=torch.float64)])
+    if distributed:
+        dist.all_reduce(counts)
+    total = int(counts[-1])
+    return {"n": total, **{name: (counts[i] / max(total, 1)).item() for i, name in enumerate(names)}}
+
+
+class Trainer:
+    """Train ``model`` on ``train_set`` with ``config`` (a :class:`TrainConfig`).
+
+    ``out_dir`` receives ``checkpoint.pt`` (every epoch), ``metrics.jsonl`` (one line per epoch),
+    ``config.json`` and, at the end, ``model.pt`` (weights, config, metrics and ``meta``: whatever
+    the caller wants kept, e.g. ``{"model": build_model arguments, "data": name}``). ``loss_fn``
+    overrides the method's loss. Under torchrun (after :func:`init_distributed`) the model is
+    wrapped in DistributedDataParallel and only rank 0 writes files.
+    """
+
+    def __init__(self, model, train_set, test_set=None, config=None, out_dir=None, loss_fn=None, device=None, meta=None):
+        self.config = cfg = config if config is not None else TrainConfig()
+        self.distributed = dist.is_available() and dist.is_initialized()
+        self.rank, self.world = (dist.get_rank(), dist.get_world_size()) if self.distributed else (0, 1)
+        if cfg.batch_size % self.world:
+            raise ValueError(f"batch_size={cfg.batch_size} must be divisible by the {self.world} processes")
+        if device is None:
+            cuda = torch.cuda.is_available()
+            device = torch.device(f"cuda:{torch.cuda.current_device()}" if cuda else "cpu")
+        self.device = torch.device(device)
+        self.amp = cfg.amp and self.device.type == "cuda"
+        if cfg.amp and not self.amp:
+            warnings.warn("amp=True needs a CUDA device; training in float32")
+        self.out_dir = Path(out_dir) if out_dir is not None else None
+        self.meta = meta or {}
+        self.train_set, self.test_set = train_set, test_set
+        self.memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
+
+        self.model = model.to(self.device, memory_format=self.memory_format)
+        self.net = nn.parallel.DistributedDataParallel(self.model, device_ids=[self.device] if self.device.type == "cuda" else None) \
+            if self.distributed else self.model
+        self.loss_fn = loss_fn or make_loss(cfg.method, beta=cfg.beta)
+        self.attack = PGD(self.model, cfg.eps, cfg.alpha, cfg.steps, cfg.norm)
+        self._alpha = self.attack.alpha
+        self.eval_attack = PGD(self.model, cfg.eps, cfg.eval_alpha, cfg.eval_steps, cfg.norm)
+
+        params = self.model.parameters()
+        if cfg.optimizer == "sgd":
+            self.optimizer = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+        else:
+            self.optimizer = torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        self.steps_per_epoch = math.ceil(math.ceil(len(train_set) / self.world) / (cfg.batch_size // self.world))
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._lr_factor)
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp)
+        self.epoch = 0
+        self.history = []
+
+    def _lr_factor(self, step):
+        cfg, total = self.config, self.config.epochs * self.steps_per_epoch
+        if cfg.schedule == "cosine":
+            return 0.5 * (1 + math.cos(math.pi * min(step, total) / total))
+        if cfg.schedule == "step":
+            return cfg.gamma ** sum(step >= m * total for m in cfg.milestones)
+        return 1.0
+
+    def _eps_at(self, step):
+        warmup = self.config.eps_warmup * self.steps_per_epoch
+        return self.config.eps * (min(1.0, (step + 1) / warmup) if warmup else 1.0)
+
+    def _to(self, x, y):
+        x = x.to(self.device, non_blocking=True)
+        if x.dim() == 4:
+            x = x.contiguous(memory_format=self.memory_format)
+        return x, y.to(self.device, non_blocking=True)
+
+    def train_epoch(self):
+        """One pass over the training set; returns the epoch's mean loss and logs."""
+        cfg = self.config
+        loader = make_loader(self.train_set, cfg.batch_size // self.world, shuffle=True, seed=cfg.seed, epoch=self.epoch,
+                             distributed=self.distributed, num_workers=cfg.num_workers)
+        self.net.train()
+        sums, count = defaultdict(float), 0
+        bar = tqdm(loader, desc=f"epoch {self.epoch + 1}/{cfg.epochs}", unit="batch", disable=not cfg.progress or self.rank != 0,
+                   leave=False)
+        for x, y in bar:
+            x, y = self._to(x, y)
+            step = self.epoch * self.steps_per_epoch + count
+            eps = self._eps_at(step)
+            self.attack.eps, self.attack.alpha = eps, self._alpha * (eps / cfg.eps if cfg.eps else 1.0)
+            with torch.autocast("cuda", enabled=self.amp):
+                loss, logs = self.loss_fn(self.net, x, y, self.attack)
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"epoch {self.epoch + 1}, batch {count}: the {cfg.method} loss is {loss.item()}")
+            self.optimizer.zero_grad(set_to_none=True)
+            self.scaler.scale(loss).backward()
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+            self.scheduler.step()
+            count += 1
+            sums["loss"] += loss.item() * len(y)
+            for k, v in logs.items():
+                sums[k] += float(v) * len(y)
+            sums["n"] += len(y)
+            bar.set_postfix(loss=f"{sums['loss'] / sums['n']:.4f}", eps=f"{eps:.3g}")
+        keys = sorted(sums)
+        totals = torch.tensor([sums[k] for k in keys], dtype=torch.float64)
+        if self.distributed:
+            dist.all_reduce(totals)
+        totals = dict(zip(keys, totals.tolist()))
+        n = totals.pop("n")
+        return {f"train_{k}": v / n for k, v in totals.items()} | {"train_eps": eps}
+
+    def evaluate(self):
+        """Clean and PGD accuracy on the first ``eval_limit`` test images (sharded over the ranks)."""
+        cfg = self.config
+        if self.test_set is None or cfg.eval_limit == 0:
+            return {}
+        shard = Subset(self.test_set, range(self.rank, min(cfg.eval_limit, len(self.test_set)), self.world))
+        loader = make_loader(shard, max(cfg.batch_size // self.world, 1), num_workers=cfg.num_workers)
+        attacks = {"pgd": self.eval_attack} if cfg.eps > 0 else {}
+        result = evaluate(self.model, loader, attacks, self.device, distributed=self.distributed)
+        return {f"test_{k}": v for k, v in result.items()}
+
+    def state_dict(self):
+        rng = _rng_state()
+        if self.distributed:
+            ranks = [None] * self.world
+            dist.all_gather_object(ranks, rng)
+            rng = ranks
+        else:
+            rng = [rng]
+        return {"format": 1, "epoch": self.epoch, "config": self.config.to_dict(), "meta": self.meta,
+                "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(),
+                "rng": rng, "history": self.history, "world_size": self.world}
+
+    def load_state_dict(self, state):
+        if state["world_size"] != self.world:
+            raise ValueError(f"the checkpoint was written by {state['world_size']} processes; resume with as many "
+                             f"(now {self.world}) to continue exactly")
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.scaler.load_state_dict(state["scaler"])
+        self.epoch, self.history = state["epoch"], list(state["history"])
+        _set_rng_state(state["rng"][self.rank])
+
+    def _write(self, name, obj):
+        if self.rank == 0 and self.out_dir is not None:
+            atomic_save(obj, self.out_dir / name)
+
+    def _write_metrics(self):
+        if self.rank != 0 or self.out_dir is None:
+            return
+        tmp = self.out_dir / f".{METRICS}.tmp"
+        tmp.write_text("".join(json.dumps(h) + "\n" for h in self.history))
+        os.replace(tmp, self.out_dir / METRICS)
+
+    def fit(self, resume=False, until=None):
+        """Train to ``config.epochs`` (or stop after epoch ``until``: an interruption that a later
+        ``fit(resume=True)`` continues exactly). Returns the per-epoch metrics."""
+        cfg = self.config
+        path = self.out_dir / CHECKPOINT if self.out_dir is not None else None
+        if resume and path is not None and path.is_file():
+            self.load_state_dict(load_checkpoint(path, self.device))
+        else:
+            seed_everything(cfg.seed + self.rank, cfg.deterministic)
+        if self.out_dir is not None and self.rank == 0:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+            (self.out_dir / "config.json").write_text(json.dumps({"config": cfg.to_dict(), "meta": self.meta}, indent=2))
+        last = cfg.epochs if until is None else min(until, cfg.epochs)
+        while self.epoch < last:
+            started = time.perf_counter()
+            metrics = {"epoch": self.epoch + 1, "lr": self.optimizer.param_groups[0]["lr"]}
+            metrics |= self.train_epoch()
+            metrics["train_s"] = time.perf_counter() - started
+            metrics |= self.evaluate()
+            metrics["epoch_s"] = time.perf_counter() - started
+            self.epoch += 1
+            self.history.append(metrics)
+            if self.rank == 0 and cfg.progress:
+                tqdm.write(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items()))
+            self._write_metrics()
+            state = self.state_dict()
+            self._write(CHECKPOINT, state)
+        if self.epoch >= cfg.epochs:
+            self._write(FINAL, {"model": self.model.state_dict(), "meta": self.meta, "config": cfg.to_dict(),
+                                "history": self.history})
+        return self.history

@@ -1,0 +1,222 @@
+import json
+import socket
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from neurosens import data, training
+from neurosens.attacks import PGD
+from neurosens.cli import main as cli_main
+from neurosens.models import build_model
+from neurosens.training import METHODS, Trainer, TrainConfig, evaluate, load_model, make_loss
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models run fastest on one thread, and a busy machine makes more threads far slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+SPEC = {"name": "small-cnn", "num_classes": 10, "in_channels": 1, "input_size": 8, "width": 8, "hidden": 32}
+
+
+def digits8(limit=None):
+    train, test = data.digits(True, size=8), data.digits(False, size=8)
+    return (train.subset(limit) if limit else train), test
+
+
+def fresh_model(seed=0):
+    torch.manual_seed(seed)
+    return build_model(**SPEC)
+
+
+def config(**overrides):
+    base = dict(method="pgd_at", epochs=3, batch_size=64, optimizer="sgd", lr=0.05, eps=0.1, steps=3, eval_steps=3,
+                eval_limit=100, progress=False)
+    return TrainConfig(**{**base, **overrides})
+
+
+def without_times(history):
+    return [{k: v for k, v in h.items() if not k.endswith("_s")} for h in history]
+
+
+def test_standard_training_learns_digits(tmp_path):
+    train, test = digits8()
+    cfg = config(method="standard", epochs=8, optimizer="adam", lr=5e-3, weight_decay=0, eval_limit=297)
+    history = Trainer(fresh_model(), train, test, cfg, out_dir=tmp_path, meta={"model": SPEC}).fit()
+    assert [h["epoch"] for h in history] == list(range(1, 9))
+    assert history[-1]["test_clean"] > 0.9 and history[-1]["train_loss"] < history[0]["train_loss"]
+    assert history[-1]["test_n"] == 297 and 0 <= history[-1]["test_pgd"] < history[-1]["test_clean"]
+    lines = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert without_times(lines) == without_times(history)
+
+
+def test_adversarial_training_buys_robustness():
+    train, test = digits8()
+    xt, yt = test.tensors()
+    robust = {}
+    for method in ("standard", "pgd_at", "trades"):
+        model = fresh_model()
+        cfg = config(method=method, epochs=6, optimizer="adam", lr=3e-3, weight_decay=0, eps=0.15, steps=5, eval_limit=0)
+        Trainer(model, train, test, cfg).fit()
+        torch.manual_seed(0)
+        x_adv = PGD(model, 0.15, steps=20)(xt, yt)
+        with torch.no_grad():
+            robust[method] = (model(x_adv).argmax(1) == yt).float().mean().item()
+    assert robust["pgd_at"] > robust["standard"] + 0.2, robust
+    assert robust["trades"] > robust["standard"] + 0.2, robust
+
+
+def test_resumed_run_is_bit_identical(tmp_path):
+    train, test = digits8(400)
+    cfg = config(method="trades", schedule="step", milestones=(0.4,), eps_warmup=1.5)
+    full = Trainer(fresh_model(), train, test, cfg, out_dir=tmp_path / "full")
+    full_history = full.fit()
+
+    first = Trainer(fresh_model(), train, test, cfg, out_dir=tmp_path / "cut")
+    first.fit(until=1)
+    torch.manual_seed(12345)  # whatever happens between the runs must not matter
+    torch.rand(10)
+    resumed = Trainer(fresh_model(seed=7), train, test, cfg, out_dir=tmp_path / "cut")
+    history = resumed.fit(resume=True)
+
+    assert resumed.epoch == 3 and len(history) == 3
+    assert without_times(history) == without_times(full_history)
+    for (name, a), (_, b) in zip(full.model.state_dict().items(), resumed.model.state_dict().items()):
+        assert torch.equal(a, b), f"{name} differs after resume"
+    for a, b in zip(full.optimizer.state_dict()["state"].values(), resumed.optimizer.state_dict()["state"].values()):
+        assert torch.equal(a["momentum_buffer"], b["momentum_buffer"])
+
+
+def test_checkpoints_load_with_weights_only_and_no_temp_files(tmp_path):
+    train, test = digits8(200)
+    trainer = Trainer(fresh_model(), train, test, config(epochs=1), out_dir=tmp_path, meta={"model": SPEC, "data": "digits8"})
+    trainer.fit()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint.pt", "config.json", "metrics.jsonl", "model.pt"]
+    state = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
+    assert state["epoch"] == 1 and state["config"]["method"] == "pgd_at" and len(state["rng"]) == 1
+    model = load_model(tmp_path / "model.pt")
+    x = torch.rand(5, 1, 8, 8)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), trainer.model.eval()(x), rtol=0, atol=0)
+
+
+def test_schedules_and_eps_warmup():
+    train, _ = digits8(128)
+    for schedule, expected in [("cosine", 0.0), ("step", 0.05 * 0.01), ("constant", 0.05)]:
+        trainer = Trainer(fresh_model(), train, None, config(method="standard", epochs=2, schedule=schedule))
+        trainer.fit()
+        assert trainer.optimizer.param_groups[0]["lr"] == pytest.approx(expected, abs=1e-12), schedule
+    trainer = Trainer(fresh_model(), train, None, config(epochs=2, eps_warmup=2.0))
+    history = trainer.fit()
+    assert history[0]["train_eps"] == pytest.approx(0.05) and history[1]["train_eps"] == pytest.approx(0.1)
+
+
+def test_evaluate_reports_clean_and_robust_accuracy():
+    train, test = digits8()
+    model = fresh_model()
+    Trainer(model, train, None, config(method="standard", epochs=8, optimizer="adam", lr=5e-3, weight_decay=0)).fit()
+    model.train()
+    loader = data.make_loader(test, 100)
+    result = evaluate(model, loader, {"pgd": PGD(model, 0.3, steps=10)})
+    assert model.training, "evaluate must restore the model's mode"
+    assert result["n"] == 297 and result["clean"] > 0.85 and result["pgd"] < 0.2
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    ({"method": "mart"}, "method='mart' is unknown"),
+    ({"optimizer": "lion"}, "optimizer='lion' is unknown"),
+    ({"schedule": "linear"}, "schedule='linear' is unknown"),
+    ({"epochs": 0}, "epochs=0: must be >= 1"),
+    ({"eps": -1.0}, "eps=-1.0"),
+])
+def test_bad_config_raises_clear_errors(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        TrainConfig(**kwargs)
+
+
+def test_methods_share_one_loss_interface():
+    model = fresh_model()
+    x, y = torch.rand(16, 1, 8, 8), torch.randint(0, 10, (16,))
+    attack = PGD(model, 0.1, steps=2)
+    for name in METHODS:
+        loss, logs = make_loss(name)(model, x, y, attack)
+        assert loss.dim() == 0 and loss.requires_grad and all(v.dim() == 0 for v in logs.values()), name
+    with pytest.raises(ValueError, match="beta=-1"):
+        make_loss("trades", beta=-1)
+    with pytest.raises(ValueError, match="method='sns' is unknown"):
+        make_loss("sns")
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _ddp_worker(rank, world, port, out):
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    try:
+        train, test = digits8(512)
+        trainer = Trainer(fresh_model(seed=rank), train, test, config(method="trades", epochs=2, eval_limit=100), out_dir=out)
+        history = trainer.fit()
+        torch.save({"model": trainer.model.state_dict(), "history": history}, f"{out}/rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_ddp_two_gloo_processes_train_identical_replicas(tmp_path):
+    mp.spawn(_ddp_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))
+    for name, a in r0["model"].items():
+        assert torch.equal(a, r1["model"][name]), f"replicas differ at {name}"
+    init = fresh_model(seed=0).state_dict()
+    assert not torch.equal(init["conv1.weight"], r0["model"]["conv1.weight"]), "training did not move the weights"
+    assert without_times(r0["history"]) == without_times(r1["history"]), "metrics are all-reduced, so ranks agree"
+    assert r0["history"][-1]["test_n"] == 100 and r0["history"][-1]["train_loss"] < r0["history"][0]["train_loss"]
+    state = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
+    assert state["world_size"] == 2 and len(state["rng"]) == 2
+
+
+def test_cli_train_then_eval(tmp_path, capsys):
+    run = tmp_path / "run"
+    assert cli_main(["train", "--data", "digits8", "--arch", "small-cnn", "--width", "8", "--method", "standard",
+                     "--epochs", "5", "--optimizer", "adam", "--lr", "0.005", "--eps", "0.1", "--eval-steps", "2",
+                     "--eval-limit", "50", "--no-progress", "--out", str(run)]) == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["epoch"] == 5
+    report = tmp_path / "eval.json"
+    assert cli_main(["eval", str(run / "model.pt"), "--eps", "0.1", "--attacks", "clean,fgsm,pgd,cw", "--steps", "5",
+                     "-n", "100", "--json", str(report)]) == 0
+    table = capsys.readouterr().out
+    assert "pgd-5" in table and "cw-5" in table
+    results = json.loads(report.read_text())
+    assert results["data"] == "digits8" and results["n"] == 100
+    accs = {k: v["accuracy"] for k, v in results["results"].items()}
+    assert set(accs) == {"clean", "fgsm", "pgd-5", "cw-5"} and accs["clean"] > 0.8 and accs["pgd-5"] < accs["clean"]
+    # Resuming a finished run trains no further epoch.
+    metrics = (run / "metrics.jsonl").read_text()
+    assert cli_main(["train", "--data", "digits8", "--arch", "small-cnn", "--width", "8", "--method", "standard",
+                     "--epochs", "5", "--optimizer", "adam", "--lr", "0.005", "--eps", "0.1", "--no-progress",
+                     "--out", str(run), "--resume"]) == 0
+    assert (run / "metrics.jsonl").read_text() == metrics
+
+
+def test_cli_data_fetch_reports_failure(tmp_path, capsys):
+    assert cli_main(["data", "fetch", "fashion-mnist", "--root", str(tmp_path), "--source", str(tmp_path)]) == 1
+    assert "dataset-fashion-mnist" in capsys.readouterr().out
+
+
+def test_world_size_mismatch_is_refused(tmp_path):
+    train, test = digits8(128)
+    trainer = Trainer(fresh_model(), train, test, config(epochs=1, eval_limit=0), out_dir=tmp_path)
+    trainer.fit()
+    state = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
+    state["world_size"] = 4
+    with pytest.raises(ValueError, match="written by 4 processes"):
+        training.Trainer(fresh_model(), train, test, config(epochs=1)).load_state_dict(state)
