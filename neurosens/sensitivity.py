@@ -1,0 +1,272 @@
+"""Streaming neuron sensitivity of a model over a whole data set.
+
+For each batch the model runs once, in eval mode and without gradients, on the concatenated
+batch ``[x; x_adv]``. Each chosen layer's forward hook splits its output into the benign and
+adversarial halves and reduces them at once with :func:`neurosens.ops.neuron_distance` into
+per-neuron running sums, so no activation outlives its hook and memory is O(total neurons),
+whatever the size of the data set. Under ``torch.distributed`` the sums of all ranks are added
+in :meth:`NeuronSensitivity.compute`, so every rank gets the same report.
+"""
+import types
+
+import torch
+import torch.distributed as dist
+from tqdm.auto import tqdm
+
+from . import __version__
+from .capture import LayerHooks, check_channel_dim, output_tensor, select_layers, unwrap
+from .ops import neuron_distance
+from .reference import METRICS
+from .report import SensitivityReport
+
+
+def describe(obj):
+    """A short description for report metadata: a function's name, an object's own repr if its
+    class defines one, else its class name."""
+    if obj is None:
+        return None
+    if isinstance(obj, types.FunctionType):
+        return obj.__name__
+    if type(obj).__repr__ is object.__repr__:
+        return type(obj).__name__
+    return repr(obj)
+
+
+class _Modes:
+    """Restores the train/eval flag of every submodule (they may differ, e.g. frozen BatchNorm)."""
+
+    def __init__(self, model):
+        self.model = model
+        self.flags = [(m, m.training) for m in model.modules()]
+
+    def __enter__(self):
+        self.model.eval()
+        return self
+
+    def __exit__(self, *exc):
+        for module, flag in self.flags:
+            module.training = flag
+        return False
+
+
+class NeuronSensitivity:
+    """Running per-neuron sensitivity of the chosen layers of ``model``.
+
+    ``layers`` selects layers as in :func:`neurosens.capture.select_layers` (default: every
+    conv/linear layer). ``metric`` is ``"l1"`` (the default: mean absolute difference of a neuron's
+    map), ``"l2"`` or ``"cosine"``; ``relative=True`` divides ``l1``/``l2`` by the benign map's mean
+    absolute value. ``channel_dim`` is 1 for [N, C, ...] outputs and -1 for [N, T, C] tokens; a
+    dict ``{layer name: dim}`` sets it per layer (others use 1). ``output_index`` picks the tensor
+    from layers returning tuples.
+
+    A layer run several times per forward (a shared ReLU, say) is reported once per call, as
+    ``name#0``, ``name#1``, ... The model's train/eval flags are restored after every update.
+    """
+
+    def __init__(self, model, layers="auto", metric="l1", channel_dim=1, relative=False, auto="conv_linear", output_index=None):
+        if metric not in METRICS:
+            raise ValueError(f"NeuronSensitivity: unknown metric={metric!r}; expected one of {', '.join(map(repr, METRICS))}")
+        if relative and metric == "cosine":
+            raise ValueError("NeuronSensitivity: relative=True is not defined for metric='cosine' (it is already scale-free)")
+        self.model = model
+        self.modules = select_layers(model, layers, auto)
+        if isinstance(channel_dim, dict):
+            unknown = sorted(set(channel_dim) - set(self.modules))
+            if unknown:
+                raise ValueError(f"NeuronSensitivity: channel_dim names layers that are not selected: {', '.join(unknown)}")
+            self.channel_dims = {name: channel_dim.get(name, 1) for name in self.modules}
+        elif isinstance(channel_dim, int) and not isinstance(channel_dim, bool):
+            self.channel_dims = {name: channel_dim for name in self.modules}
+        else:
+            raise TypeError(f"NeuronSensitivity: channel_dim must be an int or a dict of ints, got {channel_dim!r}")
+        self.metric = metric
+        self.relative = relative
+        self.output_index = output_index
+        self.reset()
+
+    def reset(self):
+        """Forget every batch seen so far."""
+        self._sums = {}  # (layer, call index) -> float64 [C] running sum
+        self._shapes = {}  # (layer, call index) -> per-sample output shape
+        self._samples = 0
+        self._correct = torch.zeros(3, dtype=torch.float64)  # benign correct, adversarial correct, labelled samples
+        self._calls = {}  # layer -> calls so far in the current forward
+        self._batch = {}  # (layer, call index) -> (partial sum, shape) of the current forward
+
+    @property
+    def samples(self):
+        """Benign/adversarial pairs seen on this rank."""
+        return self._samples
+
+    def _reduce(self, name, t, batch):
+        key = (name, self._calls[name])
+        self._calls[name] += 1
+        if t.shape[0] != 2 * batch:
+            raise RuntimeError(
+                f"layer {name!r}: output of shape {list(t.shape)} has {t.shape[0]} rows, expected {2 * batch} "
+                f"(benign and adversarial batches of {batch}); the batch must be dim 0 of every chosen layer's output"
+            )
+        cdim = check_channel_dim(name, t, self.channel_dims[name])
+        shape = list(t.shape[1:])
+        if key in self._shapes and self._shapes[key][cdim - 1] != shape[cdim - 1]:
+            raise RuntimeError(
+                f"layer {name!r}: output of shape {list(t.shape)} has {shape[cdim - 1]} neurons along dim {cdim}, "
+                f"earlier batches had {self._shapes[key][cdim - 1]}"
+            )
+        self._batch[key] = (neuron_distance(t[:batch], t[batch:], self.metric, cdim, self.relative).sum.to(torch.float64), shape)
+
+    @torch.no_grad()
+    def _forward(self, x, x_adv, y):
+        batch = x.shape[0]
+        self._calls = {name: 0 for name in self.modules}
+        self._batch = {}
+        hooks = LayerHooks(self.modules, lambda name, t: self._reduce(name, t, batch), self.output_index)
+        with _Modes(self.model), hooks:
+            out = self.model(torch.cat([x, x_adv]))
+        hooks.check_ran()
+        # Commit only once the whole forward succeeded, so a failing batch leaves the sums untouched.
+        for key, (partial, shape) in self._batch.items():
+            if key in self._sums:
+                self._sums[key] += partial
+            else:
+                self._sums[key], self._shapes[key] = partial, shape
+        self._samples += batch
+        if y is not None and isinstance(out, torch.Tensor) and out.dim() == 2 and out.shape[0] == 2 * batch:
+            hits = (out.argmax(1) == y.to(out.device).repeat(2)).view(2, batch).sum(1).to(torch.float64).cpu()
+            self._correct += torch.cat([hits, hits.new_tensor([batch])])
+
+    def update(self, x, x_adv=None, attack=None, y=None):
+        """Add one batch: ``update(x, x_adv)`` with adversarial inputs given, or
+        ``update(x, y, attack=atk)`` to craft them with ``x_adv = atk(x, y)`` (model in eval mode).
+
+        Labels (``y``) are optional with given inputs; when known, accuracies go into the report.
+        """
+        if attack is not None:
+            y = x_adv if y is None else y
+            if y is None:
+                raise ValueError("NeuronSensitivity.update: an attack needs the labels: update(x, y, attack=atk)")
+            with _Modes(self.model):
+                x_adv = attack(x, y)
+        elif x_adv is None:
+            raise ValueError("NeuronSensitivity.update: give the adversarial inputs (update(x, x_adv)) or an attack (update(x, y, attack=atk))")
+        if not isinstance(x, torch.Tensor) or not isinstance(x_adv, torch.Tensor):
+            raise TypeError(f"NeuronSensitivity.update: x and x_adv must be tensors, got {type(x).__name__} and {type(x_adv).__name__}")
+        if x.shape != x_adv.shape:
+            raise ValueError(f"NeuronSensitivity.update: x of shape {list(x.shape)} and x_adv of shape {list(x_adv.shape)} differ")
+        if x.dim() == 0 or x.shape[0] == 0:
+            raise ValueError(f"NeuronSensitivity.update: the batch is empty (x of shape {list(x.shape)})")
+        self._forward(x, x_adv.to(device=x.device, dtype=x.dtype), y)
+
+    def _reduced(self):
+        """Sums, samples and correct counts, added over all ranks when torch.distributed is running."""
+        keys = list(self._sums)
+        if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+            return keys, {k: self._sums[k].clone() for k in keys}, self._samples, self._correct.clone()
+        all_keys = [None] * dist.get_world_size()
+        dist.all_gather_object(all_keys, keys)
+        if any(other != keys for other in all_keys):
+            raise RuntimeError(
+                "NeuronSensitivity.compute: ranks measured different layers "
+                f"(this rank: {[f'{n}#{i}' for n, i in keys]}); every rank must see at least one batch"
+            )
+        device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+        parts = [self._sums[k].to(device) for k in keys]
+        parts.append(torch.tensor([float(self._samples)], dtype=torch.float64, device=device))
+        parts.append(self._correct.to(device))
+        flat = torch.cat(parts)
+        dist.all_reduce(flat)
+        sums, offset = {}, 0
+        for k in keys:
+            n = self._sums[k].numel()
+            sums[k] = flat[offset:offset + n].to(self._sums[k].device)
+            offset += n
+        samples = int(round(flat[offset].item()))
+        correct = flat[offset + 1:].cpu()
+        return keys, sums, samples, correct
+
+    def compute(self, meta=None):
+        """The :class:`SensitivityReport` of everything seen so far (all ranks under torch.distributed).
+
+        ``meta`` adds entries to the report's metadata (e.g. ``{"attack": "PGD eps=8/255"}``).
+        """
+        if self._samples == 0:
+            raise RuntimeError("NeuronSensitivity.compute: no batch seen yet; call update() first")
+        keys, sums, samples, correct = self._reduced()
+        repeated = {name for name, i in keys if i > 0}
+        sensitivity, layer_info = {}, {}
+        for name, i in keys:
+            label = f"{name}#{i}" if name in repeated else name
+            sensitivity[label] = (sums[(name, i)] / samples).cpu()
+            layer_info[label] = {"shape": self._shapes[(name, i)], "channel_dim": self.channel_dims[name]}
+        info = {
+            "model": type(unwrap(self.model)).__name__,
+            "metric": self.metric,
+            "relative": self.relative,
+            "samples": samples,
+            "layers": layer_info,
+            "neurosens": __version__,
+        }
+        if correct[2] > 0:
+            info["clean_accuracy"] = correct[0].item() / correct[2].item()
+            info["adversarial_accuracy"] = correct[1].item() / correct[2].item()
+        info.update(meta or {})
+        return SensitivityReport(sensitivity, info)
+
+
+def _model_device(model):
+    for t in model.parameters():
+        return t.device
+    for t in model.buffers():
+        return t.device
+    return torch.device("cpu")
+
+
+def measure(
+    model,
+    loader,
+    attack=None,
+    layers="auto",
+    metric="l1",
+    channel_dim=1,
+    relative=False,
+    auto="conv_linear",
+    output_index=None,
+    device=None,
+    max_batches=None,
+    progress=True,
+    meta=None,
+):
+    """Measure neuron sensitivity over ``loader`` and return a :class:`SensitivityReport`.
+
+    With an ``attack`` (a callable ``attack(x, y) -> x_adv``) each batch is ``(x, y, ...)``;
+    without one each batch is ``(x, x_adv)`` or ``(x, x_adv, y)``. Batches move to ``device``
+    (default: the model's). ``max_batches`` stops early. The other arguments are those of
+    :class:`NeuronSensitivity`; ``meta`` adds to the report's metadata.
+    """
+    meter = NeuronSensitivity(model, layers, metric, channel_dim, relative, auto, output_index)
+    device = torch.device(device) if device is not None else _model_device(model)
+    total = len(loader) if hasattr(loader, "__len__") else None
+    if max_batches is not None:
+        total = max_batches if total is None else min(total, max_batches)
+    bar = tqdm(loader, total=total, desc="sensitivity", unit="batch", disable=not progress, leave=False)
+    try:
+        for step, batch in enumerate(bar):
+            if max_batches is not None and step >= max_batches:
+                break
+            if not isinstance(batch, (tuple, list)) or len(batch) < 2:
+                raise TypeError(
+                    "measure: each batch must be a tuple (x, y, ...) with an attack, or (x, x_adv[, y]) without one; "
+                    f"got {type(batch).__name__}"
+                )
+            x = batch[0].to(device)
+            if attack is not None:
+                meter.update(x, batch[1].to(device), attack=attack)
+            else:
+                y = batch[2].to(device) if len(batch) > 2 else None
+                meter.update(x, batch[1].to(device), y=y)
+            bar.set_postfix(samples=meter.samples, refresh=False)
+    finally:
+        bar.close()
+    info = {"attack": describe(attack) if attack is not None else "given adversarial inputs"}
+    info.update(meta or {})
+    return meter.compute(info)

@@ -1,0 +1,177 @@
+import pytest
+import torch
+from torch import nn
+
+from neurosens.capture import ActivationCapture, LayerHooks, capture_activations, check_channel_dim, output_tensor, select_layers
+
+
+class Block(nn.Module):
+    def __init__(self, cin, cout, stride=1):
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1)
+        self.bn1 = nn.BatchNorm2d(cout)
+        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1)
+        self.relu = nn.ReLU()  # called twice per forward, as in common ResNet code
+
+    def forward(self, x):
+        return self.relu(self.conv2(self.relu(self.bn1(self.conv1(x)))))
+
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(1, 4, 3, padding=1)
+        self.layer1 = nn.Sequential(Block(4, 4), Block(4, 4))
+        self.layer2 = nn.Sequential(Block(4, 8, 2))
+        self.act = nn.LeakyReLU()
+        self.fc = nn.Linear(8, 3)
+        self.unused = nn.Linear(3, 3)
+
+    def forward(self, x):
+        x = self.layer2(self.layer1(self.act(self.conv1(x))))
+        return self.fc(x.mean((2, 3)))
+
+
+class Pair(nn.Module):
+    def forward(self, x):
+        return x, x.sum(1)
+
+
+def hook_counts(model):
+    return sum(len(m._forward_hooks) for m in model.modules())
+
+
+def test_select_by_name_glob_type_and_auto():
+    net = Net()
+    assert list(select_layers(net, "layer1.0.conv2")) == ["layer1.0.conv2"]
+    assert list(select_layers(net, "layer*.*.conv2")) == ["layer1.0.conv2", "layer1.1.conv2", "layer2.0.conv2"]
+    assert list(select_layers(net, nn.Linear)) == ["fc", "unused"]
+    assert list(select_layers(net, (nn.BatchNorm2d, nn.LeakyReLU))) == ["layer1.0.bn1", "layer1.1.bn1", "layer2.0.bn1", "act"]
+    convs = [f"layer{i}.{j}.conv{k}" for i, j in [(1, 0), (1, 1), (2, 0)] for k in (1, 2)]
+    assert list(select_layers(net, "auto")) == ["conv1"] + convs + ["fc", "unused"]
+    assert list(select_layers(net, "auto", auto="relu")) == ["layer1.0.relu", "layer1.1.relu", "layer2.0.relu", "act"]
+
+
+def test_select_list_is_deduplicated_in_model_order():
+    net = Net()
+    chosen = select_layers(net, ["fc", "conv1", "layer1.0.*", "conv1", nn.Linear])
+    assert list(chosen) == ["conv1", "layer1.0.conv1", "layer1.0.bn1", "layer1.0.conv2", "layer1.0.relu", "fc", "unused"]
+    assert chosen["fc"] is net.fc
+
+
+def test_select_sees_through_data_parallel():
+    net = Net()
+    assert list(select_layers(nn.DataParallel(net), "layer2.*.conv?")) == ["layer2.0.conv1", "layer2.0.conv2"]
+
+
+def test_unknown_name_lists_close_matches():
+    with pytest.raises(ValueError, match=r"no layer named 'layer1.0.conv3'.*close matches: .*layer1.0.conv1"):
+        select_layers(Net(), "layer1.0.conv3")
+
+
+@pytest.mark.parametrize(
+    "layers, message",
+    [
+        ("layer9.*", r"pattern 'layer9.\*' matches no layer of Net"),
+        (nn.Conv1d, r"Net has no module of that type"),
+        (3, r"each entry must be a layer name"),
+        ([], r"list of layers is empty"),
+    ],
+)
+def test_selection_errors(layers, message):
+    with pytest.raises((ValueError, TypeError), match=message):
+        select_layers(Net(), layers)
+
+
+def test_unknown_auto_kind():
+    with pytest.raises(ValueError, match=r"auto='gelu' is unknown"):
+        select_layers(Net(), "auto", auto="gelu")
+
+
+def test_capture_matches_manual_forward():
+    torch.manual_seed(0)
+    net = Net().eval()
+    x = torch.randn(5, 1, 8, 8)
+    acts = capture_activations(net, x, ["conv1", "layer1.0.conv1", "fc"])
+    conv1 = net.conv1(x)
+    torch.testing.assert_close(acts["conv1"], conv1, rtol=0, atol=0)
+    torch.testing.assert_close(acts["layer1.0.conv1"], net.layer1[0].conv1(net.act(conv1)), rtol=0, atol=0)
+    torch.testing.assert_close(acts["fc"], net(x), rtol=0, atol=0)
+    assert hook_counts(net) == 0
+
+
+def test_capture_keeps_every_call_of_a_shared_module():
+    net = Net().eval()
+    with torch.no_grad(), ActivationCapture(net, "layer1.0.relu") as cap:
+        net(torch.randn(2, 1, 8, 8))
+    assert cap.calls["layer1.0.relu"] == 2
+    first, second = cap.outputs["layer1.0.relu"]
+    assert cap.activations["layer1.0.relu"] is second and first.shape == second.shape
+
+
+def test_capture_detach_false_keeps_the_graph():
+    net = Net()
+    with ActivationCapture(net, "fc", detach=False) as cap:
+        net(torch.randn(2, 1, 8, 8))
+    cap.activations["fc"].sum().backward()
+    assert net.fc.weight.grad is not None
+
+
+def test_hooks_removed_after_an_exception():
+    net = Net()
+    with pytest.raises(RuntimeError, match="boom"):
+        with ActivationCapture(net, "auto"):
+            assert hook_counts(net) == 9
+            raise RuntimeError("boom")
+    assert hook_counts(net) == 0
+    with pytest.raises(RuntimeError):
+        with ActivationCapture(net, "auto"):
+            net(torch.randn(2, 3, 8, 8))  # wrong number of input channels
+    assert hook_counts(net) == 0
+
+
+def test_module_that_never_ran():
+    net = Net()
+    with ActivationCapture(net, ["fc", "unused"]) as cap:
+        net(torch.randn(2, 1, 8, 8))
+    with pytest.raises(RuntimeError, match=r"'unused' never ran in the forward pass"):
+        cap.activations
+
+
+def test_tuple_outputs_need_an_index():
+    model = nn.Sequential(Pair())
+    with pytest.raises(TypeError, match=r"layer '0' returned a tuple \(Tensor, Tensor\), not a tensor; .*output_index"):
+        capture_activations(model, torch.randn(2, 3), "0")
+    assert hook_counts(model) == 0
+    x = torch.randn(2, 3)
+    torch.testing.assert_close(capture_activations(model, x, "0", output_index=1)["0"], x.sum(1))
+    with pytest.raises(IndexError, match=r"output_index=5 is not in its output \(2 items\)"):
+        capture_activations(model, x, "0", output_index=5)
+
+
+def test_output_tensor_errors():
+    with pytest.raises(TypeError, match=r"layer 'a' returned a NoneType, not a tensor"):
+        output_tensor("a", None)
+    with pytest.raises(TypeError, match=r"output_index=0 was given but the layer returned a Tensor"):
+        output_tensor("a", torch.zeros(2), output_index=0)
+    assert output_tensor("a", {"h": torch.ones(1)}, output_index="h").item() == 1
+
+
+def test_channel_dim_checks():
+    assert check_channel_dim("a", torch.zeros(2, 3, 4), -1) == 2
+    with pytest.raises(ValueError, match=r"layer 'a': output of shape \[5\] has no channel dim"):
+        check_channel_dim("a", torch.zeros(5), 1)
+    with pytest.raises(ValueError, match=r"channel_dim=3 is out of range for its output of shape \[2, 3\]"):
+        check_channel_dim("a", torch.zeros(2, 3), 3)
+    with pytest.raises(ValueError, match=r"channel_dim=-2 points at the batch dim"):
+        check_channel_dim("a", torch.zeros(2, 3), -2)
+
+
+def test_layer_hooks_pass_each_output():
+    net = Net().eval()
+    seen = []
+    with LayerHooks(select_layers(net, nn.Linear), lambda name, t: seen.append((name, tuple(t.shape)))) as hooks:
+        net(torch.randn(3, 1, 8, 8))
+    assert seen == [("fc", (3, 3))]
+    assert hooks.calls == {"fc": 1, "unused": 0}
+    assert hook_counts(net) == 0
