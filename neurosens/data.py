@@ -310,7 +310,8 @@ def _fetch_mnist(root, source):
         source = Path(source)
         if source.is_file():
             with tarfile.open(source) as tar:
-                tar.extractall(tmp, filter="data")
+                # The "data" filter refuses links and paths that escape tmp (Pythons that have it).
+                tar.extractall(tmp, **({"filter": "data"} if hasattr(tarfile, "data_filter") else {}))
             source = Path(tmp) / "package" / "data"
         return _install(source, "mnist", root)
 

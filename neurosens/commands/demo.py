@@ -1,89 +1,83 @@
-"""The end-to-end job on the embedded digits data: train, attack, measure, rank."""
+"""`neurosens demo`: the whole flow on the embedded digits data (or MNIST) in a few minutes."""
+import json
+import os
 import time
 
-HELP = "Train a small CNN on scikit-learn's digits, attack it with PGD, and print its most sensitive neurons."
+HELP = ("Train standard and adversarially trained small CNNs, measure their neuron sensitivity, run the "
+        "intervention experiments and write an HTML report (embedded digits data by default).")
+
+# Budgets that fit a 2-core CPU in a few minutes; eps is the usual one for each data set.
+PRESETS = {
+    "digits": {"eps": 0.1, "epochs": 12, "train": None, "test": None},
+    "mnist": {"eps": 0.3, "epochs": 4, "train": 12000, "test": 1000},
+}
 
 
 def add_arguments(parser):
-    parser.add_argument("--epochs", type=int, default=15, help="training epochs (default: 15)")
-    parser.add_argument("--eps", type=float, default=0.1, help="L-inf budget of the PGD attack in pixel units (default: 0.1)")
-    parser.add_argument("--steps", type=int, default=20, help="PGD steps (default: 20)")
-    parser.add_argument("--top", type=int, default=10, help="neurons to list per layer (default: 10)")
+    parser.add_argument("--data", choices=sorted(PRESETS), default="digits",
+                        help="digits (scikit-learn, 28x28, nothing to fetch) or mnist (after `neurosens data fetch mnist`)")
+    parser.add_argument("--out", default="runs/demo", help="output folder (default: runs/demo)")
+    parser.add_argument("--methods", nargs="+", default=["standard", "pgd_at", "trades"],
+                        help="training methods to compare (default: standard pgd_at trades)")
+    parser.add_argument("--epochs", type=int, help="training epochs (default: per data set)")
+    parser.add_argument("--eps", type=float, help="L-inf budget in pixel units (default: 0.1 digits, 0.3 mnist)")
+    parser.add_argument("--steps", type=int, default=7, help="PGD steps while training (default: 7)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, help="CPU threads (default: torch's choice)")
+    parser.add_argument("--root", help="data root for --data mnist (default: data/ or $NEUROSENS_DATA)")
 
 
 def run(args):
     import torch
-    from sklearn.datasets import load_digits
-    from torch import nn
-    from tqdm.auto import tqdm
 
-    from ..ops import info, neuron_distance
+    from .. import data as datasets
+    from ..models import build_model
+    from ..ops import info
+    from ..study import run_study
+    from ..training import Trainer, TrainConfig, seed_everything
 
-    torch.manual_seed(args.seed)
-    digits = load_digits()
-    x = torch.tensor(digits.images, dtype=torch.float32).unsqueeze(1) / 16.0  # pixels in [0, 1]
-    y = torch.tensor(digits.target)
-    order = torch.randperm(len(y))
-    train, test = order[:1500], order[1500:]
-
-    model = nn.Sequential()
-    model.add_module("conv1", nn.Conv2d(1, 32, 3, padding=1))
-    model.add_module("relu1", nn.ReLU())
-    model.add_module("conv2", nn.Conv2d(32, 64, 3, padding=1))
-    model.add_module("relu2", nn.ReLU())
-    model.add_module("pool", nn.MaxPool2d(2))
-    model.add_module("flatten", nn.Flatten())
-    model.add_module("fc1", nn.Linear(64 * 16, 128))
-    model.add_module("relu3", nn.ReLU())
-    model.add_module("fc2", nn.Linear(128, 10))
-    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    preset = PRESETS[args.data]
+    eps = args.eps if args.eps is not None else preset["eps"]
+    epochs = args.epochs or preset["epochs"]
     started = time.perf_counter()
-    for _ in tqdm(range(args.epochs), desc="train", unit="epoch"):
-        model.train()
-        for batch in train[torch.randperm(len(train))].split(64):
-            opt.zero_grad()
-            nn.functional.cross_entropy(model(x[batch]), y[batch]).backward()
-            opt.step()
-    model.eval()
+    train_set = datasets.load(args.data, train=True, root=args.root)
+    test_set = datasets.load(args.data, train=False, root=args.root)
+    if preset["train"]:
+        train_set = train_set.subset(preset["train"], seed=args.seed)
+        test_set = test_set.subset(preset["test"], seed=args.seed)
+    mean, std = datasets.stats(args.data)
+    channels, size, _ = train_set.shape
+    spec = {"name": "small-cnn", "num_classes": train_set.num_classes, "in_channels": channels, "input_size": size,
+            "mean": list(mean) if mean else None, "std": list(std) if std else None}
+    print(f"neurosens demo: {args.data}, {len(train_set)} training and {len(test_set)} test images, eps {eps}; "
+          f"kernels: {info()['cpu kernels']}")
 
-    def pgd(xb, yb):
-        alpha = 2.5 * args.eps / args.steps
-        adv = (xb + torch.empty_like(xb).uniform_(-args.eps, args.eps)).clamp(0, 1)
-        for _ in range(args.steps):
-            adv.requires_grad_(True)
-            grad, = torch.autograd.grad(nn.functional.cross_entropy(model(adv), yb), adv)
-            adv = (xb + (adv.detach() + alpha * grad.sign() - xb).clamp(-args.eps, args.eps)).clamp(0, 1)
-        return adv.detach()
+    models = {}
+    for method in args.methods:
+        config = TrainConfig(method=method, epochs=epochs, batch_size=64, optimizer="adam", lr=1e-3, weight_decay=0.0,
+                             schedule="cosine", eps=eps, steps=args.steps, eval_steps=10, eval_limit=300, seed=args.seed)
+        seed_everything(args.seed)
+        model = build_model(**spec)
+        Trainer(model, train_set, test_set, config, out_dir=os.path.join(args.out, method),
+                meta={"model": spec, "data": args.data}).fit()
+        models[method] = model.eval()
 
-    xt, yt = x[test], y[test]
-    xa = pgd(xt, yt)
-    layers = {name: m for name, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))}
-    sums = {}
-
-    def hook(name):
-        def reduce(module, inputs, output):
-            benign, adversarial = output.chunk(2)
-            sums[name] = neuron_distance(benign, adversarial)
-        return reduce
-
-    handles = [m.register_forward_hook(hook(name)) for name, m in layers.items()]
-    try:
-        with torch.no_grad():
-            logits = model(torch.cat([xt, xa]))
-    finally:
-        for h in handles:
-            h.remove()
-    clean_acc = (logits[: len(yt)].argmax(1) == yt).float().mean().item()
-    adv_acc = (logits[len(yt):].argmax(1) == yt).float().mean().item()
-
-    print(f"\nkernels: {info()['cpu kernels']}; {len(train)} training and {len(test)} test digits, "
-          f"{time.perf_counter() - started:.1f} s")
-    print(f"accuracy: clean {clean_acc:.1%}, PGD-{args.steps} (eps {args.eps}) {adv_acc:.1%}\n")
-    for name, d in sums.items():
-        sensitivity = d.sum / d.count
-        k = min(args.top, sensitivity.numel())
-        values, indices = sensitivity.topk(k)
-        ranked = ", ".join(f"{i}:{v:.3f}" for i, v in zip(indices.tolist(), values.tolist()))
-        print(f"{name:6s} mean {sensitivity.mean():.4f}  top {k}: {ranked}")
+    report_dir = os.path.join(args.out, "report")
+    summary = run_study(models, test_set, eps, report_dir, title=f"neurosens demo ({args.data}, eps {eps})")
+    print(f"\n{'model':10s} " + " ".join(f"{c:>8s}" for c in summary["robustness"][args.methods[0]] if c != "n"))
+    for label, row in summary["robustness"].items():
+        print(f"{label:10s} " + " ".join(f"{100 * v:7.1f}%" for c, v in row.items() if c != "n"))
+    print("\nmean sensitivity per layer:")
+    for label, means in summary["layer_means"].items():
+        print(f"{label:10s} " + "  ".join(f"{layer} {value:.4f}" for layer, value in means.items()))
+    inter = summary["interventions"]
+    print(f"\ninterventions on {inter['model']}, layer {inter['layer']} (about 10% of its neurons):")
+    for name, v in inter["at_10_percent"].items():
+        print(f"  {name:15s} k={v['k']:<3d} benign {100 * v['benign']:5.1f}%  adversarial {100 * v['adversarial']:5.1f}%")
+    print(f"\nreport: {os.path.join(report_dir, 'index.html')}  ({time.perf_counter() - started:.0f} s)")
+    with open(os.path.join(args.out, "summary.json"), "w") as f:
+        json.dump({"data": args.data, "eps": eps, "epochs": epochs, "methods": args.methods,
+                   "seconds": time.perf_counter() - started}, f, indent=2)
     return 0
