@@ -134,3 +134,16 @@ class SNSRegularizer:
             outs.clear()
         self._calls += 1
         return self.lam * torch.stack(terms).mean()
+
+    def state_dict(self):
+        """The selection state (current neurons and call count), so a resumed run re-selects on
+        the same batches."""
+        return {"calls": self._calls, "selections": {name: idx.detach().cpu() for name, idx in self.selections.items()}}
+
+    def load_state_dict(self, state):
+        unknown = sorted(set(state["selections"]) - set(self.modules))
+        if unknown:
+            raise ValueError(f"SNS: the saved selections name layers that are not regularized: {', '.join(unknown)}")
+        device = next((p.device for m in self.modules.values() for p in m.parameters()), torch.device("cpu"))
+        self._calls = int(state["calls"])
+        self.selections = {name: idx.to(device) for name, idx in state["selections"].items()}

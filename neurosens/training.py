@@ -1,4 +1,4 @@
-"""Training: standard, PGD-AT (Madry et al.) and TRADES, with checkpoints, exact resume and DDP.
+"""Training: standard, PGD-AT (Madry et al.), TRADES and SNS, with checkpoints, exact resume and DDP.
 
 A training method is a loss function::
 
@@ -10,7 +10,8 @@ for every forward whose gradients should be synchronized); ``attack`` is the tra
 ``attack(x, y)`` gives the adversarial batch; ``loss`` is a scalar tensor to minimize and ``logs``
 a dict of scalar tensors (batch means, e.g. ``{"adv_acc": ...}``) averaged into the epoch metrics.
 A new method is one more entry of :data:`METHODS` (a factory taking keyword options and
-returning such a function).
+returning such a function; a function with ``state_dict``/``load_state_dict`` has that state
+checkpointed too).
 
 Everything a run needs to continue bit-identically sits in ``<out_dir>/checkpoint.pt``, written
 atomically after every epoch: model, optimizer, scheduler, grad scaler, the RNG states of torch,
@@ -84,11 +85,66 @@ def trades_loss(beta=6.0):
     return loss_fn
 
 
+class SNSLoss:
+    """SNS training: the adversarial cross-entropy plus ``lam`` times the stabilizing term of the
+    top-k most sensitive neurons of the chosen layers (see :class:`~neurosens.sns.SNSRegularizer`),
+    plus ``clean_weight`` times the clean cross-entropy.
+
+    ``adv_examples="correct"`` keeps in the adversarial cross-entropy only the examples the model
+    classifies right on the benign input. With ``lam=0``, ``clean_weight=0`` and all examples no
+    benign forward is needed, and a step is exactly a PGD-AT step.
+    """
+
+    ADV_EXAMPLES = ("all", "correct")
+
+    def __init__(self, model, layers="auto", k=0.1, lam=1.0, metric="cosine", select_metric="l1", clean_weight=0.0,
+                 adv_examples="all", refresh=1, detach_benign=False):
+        from .sns import SNSRegularizer
+
+        if adv_examples not in self.ADV_EXAMPLES:
+            raise ValueError(f"SNS: adv_examples={adv_examples!r} is unknown; expected one of {', '.join(self.ADV_EXAMPLES)}")
+        if not clean_weight >= 0:
+            raise ValueError(f"SNS: clean_weight={clean_weight!r} must be >= 0")
+        self.regularizer = SNSRegularizer(model, layers, k, lam, metric, select_metric, refresh, detach_benign)
+        self.clean_weight, self.adv_examples = float(clean_weight), adv_examples
+
+    def __call__(self, model, x, y, attack):
+        reg = self.regularizer
+        x_adv = attack(x, y)
+        if reg.lam == 0 and self.clean_weight == 0 and self.adv_examples == "all":
+            logits_adv = model(x_adv)
+            return F.cross_entropy(logits_adv, y), {"adv_acc": _accuracy(logits_adv, y)}
+        with reg.capture():
+            # A detached benign side needs no graph unless the clean cross-entropy uses it.
+            with torch.set_grad_enabled(not (reg.detach_benign and self.clean_weight == 0)):
+                logits = model(x)
+            logits_adv = model(x_adv)
+        ce_each = F.cross_entropy(logits_adv, y, reduction="none")
+        if self.adv_examples == "correct":
+            ce_each = ce_each * (logits.argmax(1) == y).to(ce_each.dtype)
+        ce = ce_each.mean()
+        sns = reg.loss()
+        loss = ce + sns
+        logs = {"acc": _accuracy(logits, y), "adv_acc": _accuracy(logits_adv, y), "ce": ce.detach(), "sns": sns.detach()}
+        if self.clean_weight:
+            clean_ce = F.cross_entropy(logits, y)
+            loss = loss + self.clean_weight * clean_ce
+            logs["clean_ce"] = clean_ce.detach()
+        return loss, logs
+
+    def state_dict(self):
+        return self.regularizer.state_dict()
+
+    def load_state_dict(self, state):
+        self.regularizer.load_state_dict(state)
+
+
 #: Method name -> factory(**options) -> loss_fn(model, x, y, attack) -> (loss, logs).
 METHODS = {
     "standard": lambda **options: standard_loss,
     "pgd_at": lambda **options: pgd_at_loss,
     "trades": lambda beta=6.0, **options: trades_loss(beta),
+    "sns": lambda model, sns=None, **options: SNSLoss(model, **(sns or {})),
 }
 
 
@@ -105,7 +161,8 @@ class TrainConfig:
     ``steps`` set the training PGD (``alpha`` defaults to 2.5 * eps / steps); ``eps_warmup`` ramps
     eps linearly from 0 over that many epochs; ``milestones`` (fractions of the run) and ``gamma``
     shape the step schedule; ``eval_*`` set the per-epoch PGD evaluation on the first ``eval_limit``
-    test images."""
+    test images. ``sns_*`` are the options of :class:`SNSLoss` (``sns_layers``: a list of names or
+    patterns, or "auto"; ``sns_refresh``: batches between selections, or "epoch")."""
 
     method: str = "standard"
     epochs: int = 10
@@ -123,6 +180,15 @@ class TrainConfig:
     norm: str = "linf"
     eps_warmup: float = 0.0
     beta: float = 6.0
+    sns_layers: object = "auto"
+    sns_k: float = 0.1
+    sns_lam: float = 1.0
+    sns_metric: str = "cosine"
+    sns_select_metric: str = "l1"
+    sns_clean_weight: float = 0.0
+    sns_adv_examples: str = "all"
+    sns_refresh: object = 1
+    sns_detach_benign: bool = False
     eval_steps: int = 20
     eval_alpha: float = None
     eval_limit: int = 1000
@@ -150,6 +216,18 @@ class TrainConfig:
             raise ValueError(f"lr must be > 0 and eps, eps_warmup, eval_limit >= 0 "
                              f"(got lr={self.lr}, eps={self.eps}, eps_warmup={self.eps_warmup}, eval_limit={self.eval_limit})")
         self.milestones = tuple(float(m) for m in self.milestones)
+        if isinstance(self.sns_layers, tuple):
+            self.sns_layers = list(self.sns_layers)
+        if self.sns_refresh != "epoch" and (isinstance(self.sns_refresh, bool) or not isinstance(self.sns_refresh, int)
+                                            or self.sns_refresh < 1):
+            raise ValueError(f"sns_refresh={self.sns_refresh!r}: must be an int >= 1 (batches) or 'epoch'")
+
+    def sns_options(self, steps_per_epoch):
+        """Keyword arguments of :class:`SNSLoss`."""
+        refresh = steps_per_epoch if self.sns_refresh == "epoch" else self.sns_refresh
+        return {"layers": self.sns_layers, "k": self.sns_k, "lam": self.sns_lam, "metric": self.sns_metric,
+                "select_metric": self.sns_select_metric, "clean_weight": self.sns_clean_weight,
+                "adv_examples": self.sns_adv_examples, "refresh": refresh, "detach_benign": self.sns_detach_benign}
 
     def to_dict(self):
         return {f.name: list(v) if isinstance(v := getattr(self, f.name), tuple) else v for f in dataclasses.fields(self)}
@@ -283,7 +361,10 @@ class Trainer:
         self.model = model.to(self.device, memory_format=self.memory_format)
         self.net = nn.parallel.DistributedDataParallel(self.model, device_ids=[self.device] if self.device.type == "cuda" else None) \
             if self.distributed else self.model
-        self.loss_fn = loss_fn or make_loss(cfg.method, beta=cfg.beta)
+        self.steps_per_epoch = math.ceil(math.ceil(len(train_set) / self.world) / (cfg.batch_size // self.world))
+        # Built before any training, so bad method options (an unknown layer, k too large) fail first.
+        self.loss_fn = loss_fn or make_loss(cfg.method, beta=cfg.beta, model=self.model,
+                                            sns=cfg.sns_options(self.steps_per_epoch))
         self.attack = PGD(self.model, cfg.eps, cfg.alpha, cfg.steps, cfg.norm)
         self._alpha = self.attack.alpha
         self.eval_attack = PGD(self.model, cfg.eps, cfg.eval_alpha, cfg.eval_steps, cfg.norm)
@@ -293,7 +374,6 @@ class Trainer:
             self.optimizer = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
         else:
             self.optimizer = torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-        self.steps_per_epoch = math.ceil(math.ceil(len(train_set) / self.world) / (cfg.batch_size // self.world))
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._lr_factor)
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp)
         self.epoch = 0
@@ -376,7 +456,8 @@ class Trainer:
         return {"format": 1, "epoch": self.epoch, "config": self.config.to_dict(), "meta": self.meta,
                 "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
                 "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(),
-                "rng": rng, "history": self.history, "world_size": self.world}
+                "rng": rng, "history": self.history, "world_size": self.world,
+                "loss_state": self.loss_fn.state_dict() if hasattr(self.loss_fn, "state_dict") else None}
 
     def load_state_dict(self, state):
         if state["world_size"] != self.world:
@@ -387,6 +468,8 @@ class Trainer:
         self.scheduler.load_state_dict(state["scheduler"])
         self.scaler.load_state_dict(state["scaler"])
         self.epoch, self.history = state["epoch"], list(state["history"])
+        if state.get("loss_state") is not None:
+            self.loss_fn.load_state_dict(state["loss_state"])
         _set_rng_state(state["rng"][self.rank])
 
     def _write(self, name, obj):

@@ -145,12 +145,12 @@ def test_methods_share_one_loss_interface():
     x, y = torch.rand(16, 1, 8, 8), torch.randint(0, 10, (16,))
     attack = PGD(model, 0.1, steps=2)
     for name in METHODS:
-        loss, logs = make_loss(name)(model, x, y, attack)
+        loss, logs = make_loss(name, model=model)(model, x, y, attack)
         assert loss.dim() == 0 and loss.requires_grad and all(v.dim() == 0 for v in logs.values()), name
     with pytest.raises(ValueError, match="beta=-1"):
         make_loss("trades", beta=-1)
-    with pytest.raises(ValueError, match="method='sns' is unknown"):
-        make_loss("sns")
+    with pytest.raises(ValueError, match="method='mart' is unknown"):
+        make_loss("mart")
 
 
 def _free_port():
