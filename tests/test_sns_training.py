@@ -1,5 +1,4 @@
 """SNS as a training method: equivalences, gradients, option checks, resume and DDP."""
-import socket
 
 import pytest
 import torch
@@ -131,15 +130,9 @@ def test_selection_is_deterministic_for_a_seed_and_resume_is_exact(tmp_path):
     assert resumed.loss_fn.regularizer._calls == whole.loss_fn.regularizer._calls == 3 * 4
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _ddp_worker(rank, world, port, out):
+def _ddp_worker(rank, world, out):
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    dist.init_process_group("gloo", init_method=f"file://{out}/rendezvous", rank=rank, world_size=world)
     try:
         train, test = digits8(256)
         trainer = Trainer(fresh_model(seed=rank), train, test, config(sns_layers=["conv1", "fc1"], sns_k=0.25))
@@ -159,7 +152,7 @@ def _ddp_worker(rank, world, port, out):
 
 
 def test_ddp_ranks_select_the_same_neurons_and_stay_identical(tmp_path):
-    mp.spawn(_ddp_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    mp.spawn(_ddp_worker, args=(2, str(tmp_path)), nprocs=2, join=True)
     r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))
     assert len(r0["picks"]) == len(r1["picks"]) == 2 * 4  # 2 epochs of 128 images per rank, 32 per batch
     for p0, p1 in zip(r0["picks"], r1["picks"]):

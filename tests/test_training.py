@@ -1,5 +1,4 @@
 import json
-import socket
 
 import pytest
 import torch
@@ -153,15 +152,9 @@ def test_methods_share_one_loss_interface():
         make_loss("mart")
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _ddp_worker(rank, world, port, out):
+def _ddp_worker(rank, world, out):
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    dist.init_process_group("gloo", init_method=f"file://{out}/rendezvous", rank=rank, world_size=world)
     try:
         train, test = digits8(512)
         trainer = Trainer(fresh_model(seed=rank), train, test, config(method="trades", epochs=2, eval_limit=100), out_dir=out)
@@ -172,7 +165,7 @@ def _ddp_worker(rank, world, port, out):
 
 
 def test_ddp_two_gloo_processes_train_identical_replicas(tmp_path):
-    mp.spawn(_ddp_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    mp.spawn(_ddp_worker, args=(2, str(tmp_path)), nprocs=2, join=True)
     r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))
     for name, a in r0["model"].items():
         assert torch.equal(a, r1["model"][name]), f"replicas differ at {name}"

@@ -1,0 +1,151 @@
+"""A full SNS training step against a PGD-AT step: same model, batch and PGD-10 attack.
+
+A step is the attack, the loss, backward and the optimizer update, on synthetic data in train
+mode. Variants, timed interleaved (one step of each in turn, median over the rounds) so that
+machine noise hits all of them alike:
+  * pgd_at: cross-entropy on the PGD batch;
+  * sns: the package defaults (benign and adversarial forwards captured, top-k per layer, fused
+    stabilize term and its gradient);
+  * sns_detached: the same with the benign side detached (its forward runs without a graph).
+Each backend (the fused extension, then the pure-PyTorch fallback in a subprocess with
+NEUROSENS_NO_EXT=1) is one run. Writes JSON and a markdown table to benchmarks/results/.
+
+    python benchmarks/bench_sns_step.py
+    python benchmarks/bench_sns_step.py --device cuda --resnet-batch 256 --amp
+"""
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+
+from bench_ops import cpu_name
+
+MODELS = {
+    "small-cnn (MNIST)": {"spec": {"name": "small-cnn", "num_classes": 10, "in_channels": 1, "input_size": 28}, "eps": 0.3},
+    "resnet18 (CIFAR)": {"spec": {"name": "resnet18", "num_classes": 10, "in_channels": 3, "input_size": 32}, "eps": 8 / 255},
+}
+
+
+def variants(model, attack_steps, eps):
+    from neurosens.attacks import PGD
+    from neurosens.training import SNSLoss, pgd_at_loss
+
+    attack = PGD(model, eps, steps=attack_steps)
+    return attack, {
+        "pgd_at": pgd_at_loss,
+        "sns": SNSLoss(model),
+        "sns_detached": SNSLoss(model, detach_benign=True),
+    }
+
+
+def time_steps(name, batch, args, device):
+    from neurosens.models import build_model
+
+    torch.manual_seed(0)
+    info = MODELS[name]
+    model = build_model(**info["spec"]).to(device).train()
+    if args.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    spec = info["spec"]
+    x = torch.rand(batch, spec["in_channels"], spec["input_size"], spec["input_size"], device=device)
+    y = torch.randint(0, spec["num_classes"], (batch,), device=device)
+    attack, losses = variants(model, args.pgd_steps, info["eps"])
+    optimizer = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+
+    def step(loss_fn):
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.amp):
+            loss, _ = loss_fn(model, x, y, attack)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+
+    for loss_fn in losses.values():
+        for _ in range(args.warmup):
+            step(loss_fn)
+    times = {v: [] for v in losses}
+    for _ in range(args.rounds):
+        for v, loss_fn in losses.items():
+            sync()
+            start = time.perf_counter()
+            step(loss_fn)
+            sync()
+            times[v].append(time.perf_counter() - start)
+    medians = {v: statistics.median(t) for v, t in times.items()}
+    return {"model": name, "batch": batch, "ms": {v: 1e3 * t for v, t in medians.items()},
+            "sns_over_pgd_at": medians["sns"] / medians["pgd_at"],
+            "sns_detached_over_pgd_at": medians["sns_detached"] / medians["pgd_at"]}
+
+
+def run_backend(args):
+    """All models on the backend this process has; one JSON line on stdout."""
+    from neurosens import ops
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    rows = [time_steps(name, args.cnn_batch if "cnn" in name else args.resnet_batch, args, device) for name in MODELS]
+    print(json.dumps({"backend": "fused" if ops.info()["extension"] == "built" else "reference", "rows": rows}))
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--pgd-steps", type=int, default=10)
+    parser.add_argument("--cnn-batch", type=int, default=128)
+    parser.add_argument("--resnet-batch", type=int, default=32, help="(default: 32 on a CPU; use 256 on a GPU)")
+    parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--threads", type=int)
+    parser.add_argument("--amp", action="store_true", help="bf16 autocast")
+    parser.add_argument("--channels-last", action="store_true")
+    parser.add_argument("--backend-only", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
+    args = parser.parse_args()
+    if args.backend_only:
+        return run_backend(args)
+
+    child = [sys.executable, os.path.abspath(__file__), "--backend-only"] + sys.argv[1:]
+    results = []
+    for backend, flag in (("fused", "0"), ("reference", "1")):
+        done = subprocess.run(child, env={**os.environ, "NEUROSENS_NO_EXT": flag}, capture_output=True, text=True)
+        if done.returncode:
+            sys.exit(f"the {backend} run failed:\n{done.stderr}")
+        result = json.loads(done.stdout.strip().splitlines()[-1])
+        results.append(result)
+        for r in result["rows"]:
+            print(f"{result['backend']:9s} {r['model']:18s} batch {r['batch']:4d}  "
+                  + "  ".join(f"{v} {t:8.1f} ms" for v, t in r["ms"].items())
+                  + f"  sns/pgd_at {r['sns_over_pgd_at']:.3f}  detached/pgd_at {r['sns_detached_over_pgd_at']:.3f}", flush=True)
+
+    import neurosens
+
+    env = {"device": torch.cuda.get_device_name(0) if args.device.startswith("cuda") else cpu_name(),
+           "threads": args.threads or torch.get_num_threads(), "torch": torch.__version__,
+           "neurosens": neurosens.__version__, "pgd_steps": args.pgd_steps, "amp": args.amp,
+           "command": " ".join(["python", os.path.relpath(__file__)] + sys.argv[1:])}
+    os.makedirs(args.out, exist_ok=True)
+    stem = os.path.join(args.out, f"sns_step_{torch.device(args.device).type}")
+    with open(stem + ".json", "w") as f:
+        json.dump({"environment": env, "results": results}, f, indent=2)
+    lines = [f"Device: {env['device']} ({env['threads']} threads), torch {env['torch']}, PGD-{args.pgd_steps}"
+             + (", bf16 autocast" if args.amp else ""), "",
+             "| backend | model | batch | PGD-AT ms | SNS ms | SNS detached ms | SNS / PGD-AT | detached / PGD-AT |",
+             "|---|---|---:|---:|---:|---:|---:|---:|"]
+    for result in results:
+        for r in result["rows"]:
+            ms = r["ms"]
+            lines.append(f"| {result['backend']} | {r['model']} | {r['batch']} | {ms['pgd_at']:.1f} | {ms['sns']:.1f} | "
+                         f"{ms['sns_detached']:.1f} | {r['sns_over_pgd_at']:.3f} | {r['sns_detached_over_pgd_at']:.3f} |")
+    with open(stem + ".md", "w") as f:
+        f.write("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
