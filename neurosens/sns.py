@@ -5,7 +5,7 @@ graphs), the top-k most sensitive neurons of each layer are selected on that bat
 ``select_metric`` (the selection is not differentiated), and the fused :func:`neurosens.ops.stabilize`
 op gives the stabilizing term and its gradient::
 
-    reg = SNSRegularizer(model, layers=["conv2", "fc1"], k=0.1, lam=1.0)
+    reg = SNSRegularizer(model, layers=["conv2", "fc1"], k=0.3, lam=1.0)
     for x, y in loader:
         x_adv = attack(x, y)
         with reg.capture():
@@ -52,7 +52,7 @@ class SNSRegularizer:
     (in between the last selection is kept); ``detach_benign`` pulls only the adversarial side.
     """
 
-    def __init__(self, model, layers="auto", k=0.1, lam=1.0, metric="cosine", select_metric="l1", refresh=1,
+    def __init__(self, model, layers="auto", k=0.3, lam=1.0, metric="l1", select_metric="l1", refresh=1,
                  detach_benign=False, channel_dim=1, auto="conv_linear", output_index=None):
         self.modules = select_layers(unwrap(model), layers, auto)
         _check_metric(metric, "SNS")

@@ -97,7 +97,7 @@ class SNSLoss:
 
     ADV_EXAMPLES = ("all", "correct")
 
-    def __init__(self, model, layers="auto", k=0.1, lam=1.0, metric="cosine", select_metric="l1", clean_weight=0.0,
+    def __init__(self, model, layers="auto", k=0.3, lam=1.0, metric="l1", select_metric="l1", clean_weight=0.0,
                  adv_examples="all", refresh=1, detach_benign=False):
         from .sns import SNSRegularizer
 
@@ -181,9 +181,9 @@ class TrainConfig:
     eps_warmup: float = 0.0
     beta: float = 6.0
     sns_layers: object = "auto"
-    sns_k: float = 0.1
+    sns_k: float = 0.3
     sns_lam: float = 1.0
-    sns_metric: str = "cosine"
+    sns_metric: str = "l1"
     sns_select_metric: str = "l1"
     sns_clean_weight: float = 0.0
     sns_adv_examples: str = "all"

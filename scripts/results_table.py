@@ -1,4 +1,5 @@
-"""Markdown table of the baselines from scripts/train_baselines.sh: accuracy per attack, epochs and times.
+"""Markdown table of the runs of scripts/train_models.sh: accuracy per attack as the mean over seeds
+with the spread (half the range) when there are several, epochs and times per run.
 
 Usage: python scripts/results_table.py mnist|fashion-mnist [RUNS_DIR]
 """
@@ -6,33 +7,42 @@ import json
 import sys
 from pathlib import Path
 
+METHODS = ("standard", "pgd_at", "trades", "sns")
 
-def seconds(runs, name):
-    path = runs / f"{name}.seconds"
-    return int(path.read_text()) if path.is_file() else None
+
+def cell(values):
+    mean = 100 * sum(values) / len(values)
+    if len(values) == 1:
+        return f"{mean:.1f}"
+    return f"{mean:.1f} ± {100 * (max(values) - min(values)) / 2:.1f}"
 
 
 def main():
     data = sys.argv[1]
     runs = Path(sys.argv[2] if len(sys.argv) > 2 else "runs")
-    columns = None
-    print_rows = []
-    for method in ("standard", "pgd_at", "trades"):
-        out = runs / f"{data}-{method}"
-        if not (out / "eval.json").is_file():
+    columns, rows = None, []
+    for method in METHODS:
+        evaluated = sorted(p for p in runs.glob(f"{data}-{method}-s*") if (p / "eval.json").is_file())
+        if not evaluated:
             continue
-        report = json.loads((out / "eval.json").read_text())
-        columns = columns or list(report["results"])
-        history = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-        train_s = seconds(runs, f"{data}-{method}-train") or round(sum(h["epoch_s"] for h in history))
-        eval_s = seconds(runs, f"{data}-{method}-eval")
-        accs = " | ".join(f"{100 * report['results'][c]['accuracy']:.1f}" for c in columns)
-        print_rows.append(f"| {method} | {accs} | {len(history)} | {train_s / 60:.1f} | {eval_s / 60:.1f} |")
-    if not print_rows:
+        results, train_s, eval_s, epochs = [], [], [], set()
+        for out in evaluated:
+            report = json.loads((out / "eval.json").read_text())["results"]
+            columns = columns or list(report)
+            results.append(report)
+            history = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+            epochs.add(len(history))
+            train_s.append(sum(h["epoch_s"] for h in history))
+            eval_s.append(sum(r["seconds"] for r in report.values()))
+        accs = " | ".join(cell([r[c]["accuracy"] for r in results]) for c in columns)
+        seeds = ",".join(p.name.rsplit("-s", 1)[1] for p in evaluated)
+        rows.append(f"| {method} | {seeds} | {accs} | {'/'.join(map(str, sorted(epochs)))} "
+                    f"| {sum(train_s) / len(train_s) / 60:.0f} | {sum(eval_s) / len(eval_s) / 60:.1f} |")
+    if not rows:
         sys.exit(f"no evaluated runs for {data} under {runs}")
-    print(f"| method | {' | '.join(columns)} | epochs | train (min) | eval (min) |")
-    print("|---" * (len(columns) + 4) + "|")
-    print("\n".join(print_rows))
+    print(f"| method | seeds | {' | '.join(columns)} | epochs | train (min/run) | eval (min/run) |")
+    print("|---" * (len(columns) + 5) + "|")
+    print("\n".join(rows))
 
 
 if __name__ == "__main__":

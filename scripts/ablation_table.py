@@ -1,0 +1,47 @@
+"""Markdown table of the SNS ablations (scripts/sns_ablation.sh): accuracy under each attack, the
+mean L1 sensitivity of each layer under PGD-20 on the same 1,000 test images, and training time.
+
+Usage: python scripts/ablation_table.py [RUNS_DIR] [--eps 0.3]
+"""
+import argparse
+import json
+from pathlib import Path
+
+import torch
+
+from neurosens import data, measure
+from neurosens.attacks import PGD
+from neurosens.training import load_checkpoint, load_model
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("runs", nargs="?", default="runs/ablation")
+    parser.add_argument("--eps", type=float, default=0.3)
+    parser.add_argument("-n", "--num", type=int, default=1000)
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    runs = Path(args.runs)
+    rows, layers = [], None
+    for out in sorted(p for p in runs.iterdir() if (p / "eval.json").is_file()):
+        results = json.loads((out / "eval.json").read_text())["results"]
+        model = load_model(out / "model.pt")
+        meta = load_checkpoint(out / "model.pt")["meta"]
+        test = torch.utils.data.Subset(data.load(meta["data"], train=False), range(args.num))
+        torch.manual_seed(0)
+        means = measure(model, data.make_loader(test, 500), PGD(model, args.eps, steps=20), progress=False).layer_means()
+        layers = layers or list(means)
+        seconds = runs / f"{out.name}.train.seconds"
+        rows.append((out.name, results, means, int(seconds.read_text()) if seconds.is_file() else None))
+    attacks = list(rows[0][1])
+    print("| variant | " + " | ".join(attacks) + " | " + " | ".join(f"sens. {l}" for l in layers) + " | train (s) |")
+    print("|---" * (1 + len(attacks) + len(layers) + 1) + "|")
+    order = {"pgd_at": 0, "sns": 1}
+    for name, results, means, seconds in sorted(rows, key=lambda r: (order.get(r[0], 2), r[0])):
+        accs = " | ".join(f"{100 * results[a]['accuracy']:.1f}" for a in attacks)
+        sens = " | ".join(f"{means[l]:.3f}" for l in layers)
+        print(f"| {name} | {accs} | {sens} | {seconds if seconds is not None else ''} |")
+
+
+if __name__ == "__main__":
+    main()
