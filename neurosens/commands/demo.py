@@ -3,7 +3,7 @@ import json
 import os
 import time
 
-HELP = ("Train standard and adversarially trained small CNNs, measure their neuron sensitivity, run the "
+HELP = ("Train standard, adversarially trained and SNS-trained small CNNs, measure their neuron sensitivity, run the "
         "intervention experiments and write an HTML report (embedded digits data by default).")
 
 # Budgets that fit a 2-core CPU in a few minutes; eps is the usual one for each data set.
@@ -17,8 +17,8 @@ def add_arguments(parser):
     parser.add_argument("--data", choices=sorted(PRESETS), default="digits",
                         help="digits (scikit-learn, 28x28, nothing to fetch) or mnist (after `neurosens data fetch mnist`)")
     parser.add_argument("--out", default="runs/demo", help="output folder (default: runs/demo)")
-    parser.add_argument("--methods", nargs="+", default=["standard", "pgd_at", "trades"],
-                        help="training methods to compare (default: standard pgd_at trades)")
+    parser.add_argument("--methods", nargs="+", default=["standard", "pgd_at", "trades", "sns"],
+                        help="training methods to compare (default: standard pgd_at trades sns)")
     parser.add_argument("--epochs", type=int, help="training epochs (default: per data set)")
     parser.add_argument("--eps", type=float, help="L-inf budget in pixel units (default: 0.1 digits, 0.3 mnist)")
     parser.add_argument("--steps", type=int, default=7, help="PGD steps while training (default: 7)")
