@@ -4,6 +4,8 @@ A step is the attack, the loss, backward and the optimizer update, on synthetic 
 mode. Variants, timed interleaved (one step of each in turn, median over the rounds) so that
 machine noise hits all of them alike:
   * pgd_at: cross-entropy on the PGD batch;
+  * two_graphs: pgd_at plus a benign forward that joins the loss with weight 0: the extra graph
+    SNS needs (forward and backward), without its ops, i.e. the floor of any SNS step;
   * sns: the package defaults (benign and adversarial forwards captured, top-k per layer, fused
     stabilize term and its gradient);
   * sns_detached: the same with the benign side detached (its forward runs without a graph).
@@ -11,6 +13,7 @@ Each backend (the fused extension, then the pure-PyTorch fallback in a subproces
 NEUROSENS_NO_EXT=1) is one run. Writes JSON and a markdown table to benchmarks/results/.
 
     python benchmarks/bench_sns_step.py
+    python benchmarks/bench_sns_step.py --keep-freed-memory   # as the neurosens command runs
     python benchmarks/bench_sns_step.py --device cuda --resnet-batch 256 --amp
 """
 import argparse
@@ -31,6 +34,12 @@ MODELS = {
 }
 
 
+def two_graphs_loss(model, x, y, attack):
+    x_adv = attack(x, y)
+    logits, logits_adv = model(x), model(x_adv)
+    return torch.nn.functional.cross_entropy(logits_adv, y) + 0.0 * logits.sum(), {}
+
+
 def variants(model, attack_steps, eps):
     from neurosens.attacks import PGD
     from neurosens.training import SNSLoss, pgd_at_loss
@@ -38,6 +47,7 @@ def variants(model, attack_steps, eps):
     attack = PGD(model, eps, steps=attack_steps)
     return attack, {
         "pgd_at": pgd_at_loss,
+        "two_graphs": two_graphs_loss,
         "sns": SNSLoss(model),
         "sns_detached": SNSLoss(model, detach_benign=True),
     }
@@ -79,6 +89,7 @@ def time_steps(name, batch, args, device):
     medians = {v: statistics.median(t) for v, t in times.items()}
     return {"model": name, "batch": batch, "ms": {v: 1e3 * t for v, t in medians.items()},
             "sns_over_pgd_at": medians["sns"] / medians["pgd_at"],
+            "two_graphs_over_pgd_at": medians["two_graphs"] / medians["pgd_at"],
             "sns_detached_over_pgd_at": medians["sns_detached"] / medians["pgd_at"]}
 
 
@@ -88,6 +99,10 @@ def run_backend(args):
 
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.keep_freed_memory:
+        from neurosens.cpu_memory import keep_freed_memory
+
+        keep_freed_memory()
     device = torch.device(args.device)
     rows = [time_steps(name, args.cnn_batch if "cnn" in name else args.resnet_batch, args, device) for name in MODELS]
     print(json.dumps({"backend": "fused" if ops.info()["extension"] == "built" else "reference", "rows": rows}))
@@ -104,6 +119,8 @@ def main():
     parser.add_argument("--threads", type=int)
     parser.add_argument("--amp", action="store_true", help="bf16 autocast")
     parser.add_argument("--channels-last", action="store_true")
+    parser.add_argument("--keep-freed-memory", action="store_true",
+                        help="tune glibc malloc to reuse freed blocks (neurosens.cpu_memory), as the CLI does")
     parser.add_argument("--backend-only", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
     args = parser.parse_args()
@@ -121,27 +138,30 @@ def main():
         for r in result["rows"]:
             print(f"{result['backend']:9s} {r['model']:18s} batch {r['batch']:4d}  "
                   + "  ".join(f"{v} {t:8.1f} ms" for v, t in r["ms"].items())
-                  + f"  sns/pgd_at {r['sns_over_pgd_at']:.3f}  detached/pgd_at {r['sns_detached_over_pgd_at']:.3f}", flush=True)
+                  + f"  sns/pgd_at {r['sns_over_pgd_at']:.3f}  two_graphs/pgd_at {r['two_graphs_over_pgd_at']:.3f}  detached/pgd_at {r['sns_detached_over_pgd_at']:.3f}", flush=True)
 
     import neurosens
 
     env = {"device": torch.cuda.get_device_name(0) if args.device.startswith("cuda") else cpu_name(),
            "threads": args.threads or torch.get_num_threads(), "torch": torch.__version__,
            "neurosens": neurosens.__version__, "pgd_steps": args.pgd_steps, "amp": args.amp,
+           "keep_freed_memory": args.keep_freed_memory,
            "command": " ".join(["python", os.path.relpath(__file__)] + sys.argv[1:])}
     os.makedirs(args.out, exist_ok=True)
-    stem = os.path.join(args.out, f"sns_step_{torch.device(args.device).type}")
+    stem = os.path.join(args.out, f"sns_step_{torch.device(args.device).type}" + ("_kept" if args.keep_freed_memory else ""))
     with open(stem + ".json", "w") as f:
         json.dump({"environment": env, "results": results}, f, indent=2)
     lines = [f"Device: {env['device']} ({env['threads']} threads), torch {env['torch']}, PGD-{args.pgd_steps}"
-             + (", bf16 autocast" if args.amp else ""), "",
-             "| backend | model | batch | PGD-AT ms | SNS ms | SNS detached ms | SNS / PGD-AT | detached / PGD-AT |",
-             "|---|---|---:|---:|---:|---:|---:|---:|"]
+             + (", bf16 autocast" if args.amp else "") + (", freed memory kept" if args.keep_freed_memory else ""), "",
+             "| backend | model | batch | PGD-AT ms | two graphs ms | SNS ms | SNS detached ms | two graphs / PGD-AT "
+             "| SNS / PGD-AT | detached / PGD-AT |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for result in results:
         for r in result["rows"]:
             ms = r["ms"]
-            lines.append(f"| {result['backend']} | {r['model']} | {r['batch']} | {ms['pgd_at']:.1f} | {ms['sns']:.1f} | "
-                         f"{ms['sns_detached']:.1f} | {r['sns_over_pgd_at']:.3f} | {r['sns_detached_over_pgd_at']:.3f} |")
+            lines.append(f"| {result['backend']} | {r['model']} | {r['batch']} | {ms['pgd_at']:.1f} | {ms['two_graphs']:.1f} "
+                         f"| {ms['sns']:.1f} | {ms['sns_detached']:.1f} | {r['two_graphs_over_pgd_at']:.3f} "
+                         f"| {r['sns_over_pgd_at']:.3f} | {r['sns_detached_over_pgd_at']:.3f} |")
     with open(stem + ".md", "w") as f:
         f.write("\n".join(lines) + "\n")
     print("\n".join(lines))

@@ -17,7 +17,7 @@ TORCH_LIBRARY(neurosens, m) {
       "neuron_topk(Tensor a, Tensor b, int k, str metric=\"l1\", int channel_dim=1, bool relative=False, "
       "bool largest=True) -> (Tensor values, Tensor indices)");
   m.def(
-      "stabilize(Tensor a, Tensor b, Tensor? indices, int k, str metric=\"cosine\", str select_metric=\"l1\", "
+      "stabilize(Tensor a, Tensor b, Tensor? indices, int k, str metric=\"l1\", str select_metric=\"l1\", "
       "int channel_dim=1) -> (Tensor loss, Tensor indices, Tensor stats)");
   m.def(
       "_stabilize_backward(Tensor grad, Tensor a, Tensor b, Tensor indices, Tensor stats, str metric, "

@@ -2,6 +2,7 @@
 HELP, add_arguments(parser) and run(args) -> exit code."""
 import argparse
 import importlib
+import os
 import pkgutil
 import sys
 
@@ -26,6 +27,10 @@ def build_parser():
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
+    if os.environ.get("NEUROSENS_KEEP_FREED_MEMORY", "1") != "0":
+        from .cpu_memory import keep_freed_memory
+
+        keep_freed_memory()
     return args._run(args) or 0
 
 

@@ -179,7 +179,7 @@ def neuron_topk(a, b, k=0.1, metric="l1", channel_dim=1, relative=False, largest
     return TopK(values, indices)
 
 
-def stabilize(a, b, k=None, indices=None, metric="cosine", select_metric="l1", channel_dim=1, return_indices=False):
+def stabilize(a, b, k=None, indices=None, metric="l1", select_metric="l1", channel_dim=1, return_indices=False):
     """Stabilizing loss: mean ``metric`` distance over samples and the chosen neurons.
 
     The neurons are ``indices`` when given, else the top ``k`` (count or fraction) by
@@ -240,7 +240,7 @@ def _register_python_parts():
         return a.new_empty((k,), dtype=acc_dtype(a)), a.new_empty((k,), dtype=torch.int64)
 
     @torch.library.register_fake("neurosens::stabilize")
-    def _(a, b, indices, k, metric="cosine", select_metric="l1", channel_dim=1):
+    def _(a, b, indices, k, metric="l1", select_metric="l1", channel_dim=1):
         stats = a.new_empty((a.shape[0], a.shape[channel_dim], 6), dtype=acc_dtype(a))
         return a.new_empty((), dtype=acc_dtype(a)), a.new_empty((k,), dtype=torch.int64), stats
 

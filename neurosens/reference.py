@@ -60,7 +60,7 @@ def neuron_topk(a, b, k, metric="l1", channel_dim=1, relative=False, largest=Tru
     return torch.topk(mean, k, largest=largest, sorted=True)
 
 
-def stabilize(a, b, indices=None, k=None, metric="cosine", select_metric="l1", channel_dim=1):
+def stabilize(a, b, indices=None, k=None, metric="l1", select_metric="l1", channel_dim=1):
     """Mean ``metric`` distance over samples and the selected neurons, differentiable in a and b.
 
     Neurons are ``indices`` when given, else the top ``k`` by ``select_metric`` on this batch (the
