@@ -253,10 +253,16 @@ def _metric_label(reports):
     return f"sensitivity, {metric}{relative}"
 
 
-def plot_layer_means(reports, labels=None, path=None, log=False, title="Mean neuron sensitivity per layer"):
-    """Per-layer mean sensitivity, one line per model, layers in network order. Returns the Figure."""
+def plot_layer_means(reports, labels=None, path=None, log=None, title="Mean neuron sensitivity per layer"):
+    """Per-layer mean sensitivity, one line per model, layers in network order. Returns the Figure.
+
+    ``log=None`` picks a log axis when the values span more than 20x, so that robust models do not
+    flatten against a standard one."""
     reports, labels = _as_list(reports, labels)
     layers = _union_layers(reports)
+    if log is None:
+        values = [v for r in reports for v in r.layer_means().values() if v > 0]
+        log = bool(values) and max(values) > 20 * min(values)
     fig = _figure(max(6.0, 0.32 * len(layers) + 2.5), 4.2)
     ax = fig.subplots()
     for label, report in zip(labels, reports):

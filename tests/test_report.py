@@ -144,3 +144,12 @@ def test_plots_pick_layers_of_wide_models(tmp_path):
     assert len(fig.axes[0].lines) == 30
     with pytest.raises(KeyError, match=r"no layer 'zz'"):
         plot_histograms(many, layers=["l0", "zz"])
+
+
+def test_layer_means_axis_turns_log_when_values_span_decades():
+    base = make_report()
+    close = plot_layer_means([base, make_report(scale=0.5, seed=1)])
+    assert close.axes[0].get_yscale() == "linear"
+    spread = plot_layer_means([base, make_report(scale=0.01, seed=1)])
+    assert spread.axes[0].get_yscale() == "log"
+    assert plot_layer_means([base, make_report(scale=0.01, seed=1)], log=False).axes[0].get_yscale() == "linear"
