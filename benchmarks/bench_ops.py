@@ -9,6 +9,7 @@ ratios are what to compare across machines. Writes JSON and a markdown table to
 benchmarks/results/.
 
     python benchmarks/bench_ops.py                 # CPU, float32
+    python benchmarks/bench_ops.py --keep-freed-memory   # CPU, glibc keeps freed blocks (as the CLI does)
     python benchmarks/bench_ops.py --device cuda --dtype bfloat16
 """
 import argparse
@@ -147,8 +148,15 @@ def main():
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
     parser.add_argument("--repeats", type=int, default=15)
+    parser.add_argument("--keep-freed-memory", action="store_true",
+                        help="tune glibc malloc as the neurosens command does (neurosens.cpu_memory); "
+                             "peak memory is still measured with the default allocator")
     parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
     args = parser.parse_args()
+    if args.keep_freed_memory:
+        from neurosens.cpu_memory import keep_freed_memory
+
+        keep_freed_memory()
     device = torch.device(args.device)
     dtype = DTYPES[args.dtype]
 
@@ -177,15 +185,17 @@ def main():
         "torch": torch.__version__,
         "neurosens": neurosens.__version__,
         "backend": ops.info(),
+        "keep_freed_memory": args.keep_freed_memory,
         "command": " ".join([os.path.basename(sys.executable)] + sys.argv),
     }
     os.makedirs(args.out, exist_ok=True)
-    stem = os.path.join(args.out, f"ops_{device.type}_{args.dtype}")
+    stem = os.path.join(args.out, f"ops_{device.type}_{args.dtype}" + ("_kept" if args.keep_freed_memory else ""))
     with open(stem + ".json", "w") as f:
         json.dump({"environment": env, "results": rows}, f, indent=2)
     table = markdown(rows)
     with open(stem + ".md", "w") as f:
-        f.write(f"Device: {env['device']} ({env['threads']} threads), torch {env['torch']}, {args.dtype}\n\n{table}")
+        f.write(f"Device: {env['device']} ({env['threads']} threads), torch {env['torch']}, {args.dtype}"
+                + (", freed memory kept" if args.keep_freed_memory else "") + f"\n\n{table}")
     print(table)
 
 
