@@ -4,13 +4,14 @@ For each activation shape (CIFAR ResNet-18 and MNIST CNN layers at batch 128) it
   * neuron_topk (forward): one pass over a and b, then top-k of the per-neuron means;
   * stabilize forward + backward: the SNS loss and both input gradients;
 and the floor: reading a and b once (a.sum(); b.sum()) for the forward, plus reading them again
-and writing two gradients for the forward + backward. Times are medians after warm-up; the
-ratios are what to compare across machines. Writes JSON and a markdown table to
-benchmarks/results/.
+and writing two gradients for the forward + backward. The device's copy bandwidth (one large
+tensor copied into another) is measured once; each fused op's bytes moved over its time is given
+as a fraction of it. Times are medians after warm-up; the ratios are what to compare across
+machines. Writes JSON and a markdown table to benchmarks/results/.
 
     python benchmarks/bench_ops.py                 # CPU, float32
     python benchmarks/bench_ops.py --keep-freed-memory   # CPU, glibc keeps freed blocks (as the CLI does)
-    python benchmarks/bench_ops.py --device cuda --dtype bfloat16
+    python benchmarks/bench_ops.py --device cuda --dtype bfloat16 --large   # adds [256, 256, 56, 56]
 """
 import argparse
 import json
@@ -27,6 +28,7 @@ import neurosens
 from neurosens import ops, reference
 
 SHAPES = [(128, 64, 32, 32), (128, 256, 8, 8), (128, 512, 4, 4), (128, 200)]
+LARGE_SHAPES = [(256, 256, 56, 56)]
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -42,6 +44,13 @@ def timed(fn, device, repeats, warmup=3):
         sync()
         times.append(time.perf_counter() - start)
     return statistics.median(times)
+
+
+def copy_bandwidth(device, repeats, nbytes=1 << 30):
+    """Bytes per second of copying one tensor into another (each byte read once, written once)."""
+    src = torch.ones(nbytes // 4, device=device)
+    dst = torch.empty_like(src)
+    return 2 * nbytes / timed(lambda: dst.copy_(src), device, repeats)
 
 
 def make_inputs(shape, dtype, device):
@@ -148,6 +157,7 @@ def main():
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
     parser.add_argument("--repeats", type=int, default=15)
+    parser.add_argument("--large", action="store_true", help=f"also time {LARGE_SHAPES} (several GB of memory)")
     parser.add_argument("--keep-freed-memory", action="store_true",
                         help="tune glibc malloc as the neurosens command does (neurosens.cpu_memory); "
                              "peak memory is still measured with the default allocator")
@@ -160,8 +170,10 @@ def main():
     device = torch.device(args.device)
     dtype = DTYPES[args.dtype]
 
+    copy_bw = copy_bandwidth(device, args.repeats)
+    print(f"copy bandwidth {copy_bw / 1e9:.1f} GB/s", flush=True)
     rows = []
-    for shape in SHAPES:
+    for shape in SHAPES + (LARGE_SHAPES if args.large else []):
         a, b = make_inputs(shape, dtype, device)
         k = max(1, shape[1] // 10)
         for op, variants in (("neuron_topk", topk_variants(a, b, k)), ("stabilize fwd+bwd", stabilize_variants(a, b, k))):
@@ -171,6 +183,9 @@ def main():
             row["fused_vs_floor"] = times["fused"] / times["floor"]
             row["eager_over_fused"] = times["eager"] / times["fused"]
             row["compiled_over_fused"] = times["compiled"] / times["fused"]
+            # topk reads a and b; stabilize forward + backward reads them twice and writes two gradients
+            moved = (2 if op == "neuron_topk" else 6) * a.numel() * a.element_size()
+            row["fused_of_copy_bandwidth"] = moved / times["fused"] / copy_bw
             if op == "neuron_topk":
                 for variant in ("fused", "eager"):
                     peak = peak_extra_bytes(shape, args.dtype, variant, device)
@@ -182,6 +197,7 @@ def main():
     env = {
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name(),
         "threads": torch.get_num_threads(),
+        "copy_bandwidth_gb_s": copy_bw / 1e9,
         "torch": torch.__version__,
         "neurosens": neurosens.__version__,
         "backend": ops.info(),
@@ -195,14 +211,15 @@ def main():
     table = markdown(rows)
     with open(stem + ".md", "w") as f:
         f.write(f"Device: {env['device']} ({env['threads']} threads), torch {env['torch']}, {args.dtype}"
-                + (", freed memory kept" if args.keep_freed_memory else "") + f"\n\n{table}")
+                + (", freed memory kept" if args.keep_freed_memory else "")
+                + f"; copy bandwidth {copy_bw / 1e9:.1f} GB/s\n\n{table}")
     print(table)
 
 
 def markdown(rows):
     lines = [
-        "| op | shape | fused ms | floor ms | eager ms | compiled ms | fused / floor | eager / fused | compiled / fused | peak extra MB (fused / eager) |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| op | shape | fused ms | floor ms | eager ms | compiled ms | fused / floor | eager / fused | compiled / fused | fused, of copy bandwidth | peak extra MB (fused / eager) |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         peak = ""
@@ -211,7 +228,7 @@ def markdown(rows):
         lines.append(
             f"| {r['op']} | {r['shape']} | {r['fused_ms']:.2f} | {r['floor_ms']:.2f} | {r['eager_ms']:.2f} | "
             f"{r['compiled_ms']:.2f} | {r['fused_vs_floor']:.2f} | {r['eager_over_fused']:.1f} | "
-            f"{r['compiled_over_fused']:.2f} | {peak} |"
+            f"{r['compiled_over_fused']:.2f} | {100 * r['fused_of_copy_bandwidth']:.0f}% | {peak} |"
         )
     return "\n".join(lines) + "\n"
 
