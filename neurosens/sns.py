@@ -49,7 +49,9 @@ class SNSRegularizer:
     fraction of each layer's neurons, or a ``{layer: k}`` dict; ``metric`` ("cosine", "l1", "l2") is
     the stabilizing distance and ``select_metric`` the sensitivity that ranks neurons; ``lam`` weighs
     the mean of the per-layer terms; ``refresh`` re-selects every that many calls of :meth:`loss`
-    (in between the last selection is kept); ``detach_benign`` pulls only the adversarial side.
+    (in between the last selection is kept); ``detach_benign`` pulls only the adversarial side,
+    which is cheaper but, on models that are already somewhat robust, gives a weight gradient that
+    points against the term's true gradient (docs/results.md, ablations).
     """
 
     def __init__(self, model, layers="auto", k=0.3, lam=1.0, metric="l1", select_metric="l1", refresh=1,
