@@ -5,6 +5,7 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <vector>
 
 #include "common/metric.h"
@@ -20,6 +21,8 @@
 
 namespace neurosens {
 namespace {
+
+constexpr bool has_stat(int mask, int s) { return (mask & (1 << s)) != 0; }
 
 // Enough elements per task that scheduling costs nothing next to the memory traffic.
 constexpr int64_t kGrainElements = 1 << 15;
@@ -100,16 +103,20 @@ void pair_stats_impl(const scalar_t* pa, const scalar_t* pb, const PairLayout& L
     // Neurons adjacent in memory: walk the map position by position, all neurons at once.
     const int64_t grain = std::max<int64_t>(1, kGrainElements / (L.C * L.D));
     at::parallel_for(0, L.N, grain, [&](int64_t begin, int64_t end) {
-      std::vector<acc_t> acc(kNumStats * L.C);
+      // Only the statistics in kMask are summed and copied out; the others stay zero in po.
+      std::vector<acc_t> acc(kNumStats * L.C, acc_t(0));
       for (int64_t n = begin; n < end; ++n) {
-        std::fill(acc.begin(), acc.end(), acc_t(0));
+        for (int s = 0; s < kNumStats; ++s)
+          if (has_stat(kMask, s)) std::fill_n(acc.begin() + s * L.C, L.C, acc_t(0));
         for (int64_t i0 = 0; i0 < L.size[0]; ++i0)
           for (int64_t i1 = 0; i1 < L.size[1]; ++i1)
             for (int64_t i2 = 0; i2 < L.size[2]; ++i2)
               stats_of_columns<kMask, scalar_t, acc_t>(pa + offset(L, 0, n, 0, i0, i1, i2),
                                                        pb + offset(L, 1, n, 0, i0, i1, i2), L.C, acc.data());
-        for (int64_t c = 0; c < L.C; ++c)
-          for (int s = 0; s < kNumStats; ++s) po[(n * L.C + c) * kNumStats + s] = acc[s * L.C + c];
+        for (int s = 0; s < kNumStats; ++s) {
+          if (!has_stat(kMask, s)) continue;
+          for (int64_t c = 0; c < L.C; ++c) po[(n * L.C + c) * kNumStats + s] = acc[s * L.C + c];
+        }
       }
     });
     return;
