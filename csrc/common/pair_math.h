@@ -36,18 +36,19 @@ enum Coef : int { kAA = 0, kAB = 1, kBA = 2, kBB = 3, kSign = 4, kNumCoefs = 5 }
 
 // Bit sets of statistics: a kernel may compute only those a metric needs (the others are zero).
 constexpr int stat_bit(Stat s) { return 1 << s; }
+constexpr bool has_stat(int mask, int s) { return (mask & stat_bit(static_cast<Stat>(s))) != 0; }
 constexpr int kAllStats = (1 << kNumStats) - 1;
 
 template <int kMask, typename acc_t>
 C10_HOST_DEVICE inline void accumulate_pair(acc_t x, acc_t y, acc_t& abs_diff, acc_t& sq_diff, acc_t& dot,
                                             acc_t& sq_a, acc_t& sq_b, acc_t& abs_a) {
   const acc_t d = x - y;
-  if constexpr ((kMask & stat_bit(kAbsDiff)) != 0) abs_diff += d < acc_t(0) ? -d : d;
-  if constexpr ((kMask & stat_bit(kSqDiff)) != 0) sq_diff += d * d;
-  if constexpr ((kMask & stat_bit(kDot)) != 0) dot += x * y;
-  if constexpr ((kMask & stat_bit(kSqA)) != 0) sq_a += x * x;
-  if constexpr ((kMask & stat_bit(kSqB)) != 0) sq_b += y * y;
-  if constexpr ((kMask & stat_bit(kAbsA)) != 0) abs_a += x < acc_t(0) ? -x : x;
+  if constexpr (has_stat(kMask, kAbsDiff)) abs_diff += d < acc_t(0) ? -d : d;
+  if constexpr (has_stat(kMask, kSqDiff)) sq_diff += d * d;
+  if constexpr (has_stat(kMask, kDot)) dot += x * y;
+  if constexpr (has_stat(kMask, kSqA)) sq_a += x * x;
+  if constexpr (has_stat(kMask, kSqB)) sq_b += y * y;
+  if constexpr (has_stat(kMask, kAbsA)) abs_a += x < acc_t(0) ? -x : x;
 }
 
 template <typename acc_t>

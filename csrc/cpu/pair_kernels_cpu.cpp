@@ -22,8 +22,6 @@
 namespace neurosens {
 namespace {
 
-constexpr bool has_stat(int mask, int s) { return (mask & (1 << s)) != 0; }
-
 // Enough elements per task that scheduling costs nothing next to the memory traffic.
 constexpr int64_t kGrainElements = 1 << 15;
 
@@ -104,7 +102,7 @@ void pair_stats_impl(const scalar_t* pa, const scalar_t* pb, const PairLayout& L
     const int64_t grain = std::max<int64_t>(1, kGrainElements / (L.C * L.D));
     at::parallel_for(0, L.N, grain, [&](int64_t begin, int64_t end) {
       // Only the statistics in kMask are summed and copied out; the others stay zero in po.
-      std::vector<acc_t> acc(kNumStats * L.C, acc_t(0));
+      std::vector<acc_t> acc(kNumStats * L.C);
       for (int64_t n = begin; n < end; ++n) {
         for (int s = 0; s < kNumStats; ++s)
           if (has_stat(kMask, s)) std::fill_n(acc.begin() + s * L.C, L.C, acc_t(0));
