@@ -11,27 +11,15 @@ own mode afterwards; it differentiates with ``torch.autograd.grad`` with respect
 so the parameters' ``.grad`` are never touched. The result is detached, inside [0, 1] and inside
 the eps-ball around ``x``.
 """
-import contextlib
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .capture import eval_mode
+
 NORMS = ("linf", "l2")
 LOSSES = ("ce", "cw")
 STARTS = ("uniform", "normal", "none")
-
-
-@contextlib.contextmanager
-def eval_mode(model):
-    """Put every module of ``model`` in eval mode, and give each back its own mode on exit."""
-    modes = [(m, m.training) for m in model.modules()]
-    model.eval()
-    try:
-        yield model
-    finally:
-        for m, training in modes:
-            m.training = training
 
 
 def margin_loss(logits, y):

@@ -2,14 +2,18 @@
 
 Layers are chosen by exact name (``"layer1.0.conv1"``), glob pattern (``"layer3.*.conv2"``), module
 type (``nn.Conv2d``), a list mixing these, or ``"auto"``. Hooks live only inside a ``with`` block
-and are removed when it exits, also when the forward raises.
+and are removed when it exits, also when the forward raises; :func:`eval_mode` likewise gives every
+module back its own train/eval flag.
 """
+import contextlib
 import difflib
 import fnmatch
 from collections import OrderedDict
 
 import torch
 from torch import nn
+
+from . import checks
 
 #: What ``"auto"`` selects: every layer with weights (its pre-activation output), or every ReLU.
 AUTO_KINDS = {
@@ -115,15 +119,22 @@ def output_tensor(name, output, output_index=None):
 
 def check_channel_dim(name, t, channel_dim):
     """The non-negative channel dim of ``t``; errors name the layer and its shape."""
-    shape = list(t.shape)
     if t.dim() < 2:
-        raise ValueError(f"layer {name!r}: output of shape {shape} has no channel dim (need [N, C, ...] or [N, ..., C])")
-    if not -t.dim() <= channel_dim < t.dim():
-        raise ValueError(f"layer {name!r}: channel_dim={channel_dim} is out of range for its output of shape {shape}")
-    cdim = channel_dim % t.dim()
-    if cdim == 0:
-        raise ValueError(f"layer {name!r}: channel_dim={channel_dim} points at the batch dim of its output of shape {shape}")
-    return cdim
+        raise ValueError(f"layer {name!r}: output of shape {list(t.shape)} has no channel dim (need [N, C, ...] or [N, ..., C])")
+    return checks.check_channel_dim(channel_dim, t.shape, f"layer {name!r}", "its output of shape")
+
+
+@contextlib.contextmanager
+def eval_mode(model):
+    """Put every module of ``model`` in eval mode, and give each back its own mode on exit (they
+    may differ, e.g. a frozen BatchNorm in a training model)."""
+    modes = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        yield model
+    finally:
+        for m, training in modes:
+            m.training = training
 
 
 class LayerHooks:

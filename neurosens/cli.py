@@ -2,11 +2,11 @@
 HELP, add_arguments(parser) and run(args) -> exit code."""
 import argparse
 import importlib
-import os
 import pkgutil
 import sys
 
 from . import commands
+from .env import env_flag
 
 
 def _command_modules():
@@ -27,7 +27,7 @@ def build_parser():
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
-    if os.environ.get("NEUROSENS_KEEP_FREED_MEMORY", "1") != "0":
+    if env_flag("NEUROSENS_KEEP_FREED_MEMORY", default=True):
         from .cpu_memory import keep_freed_memory
 
         keep_freed_memory()

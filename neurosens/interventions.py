@@ -15,9 +15,9 @@ from contextlib import contextmanager
 import torch
 from tqdm.auto import tqdm
 
-from .capture import check_channel_dim, output_tensor, select_layers
-from .ops import resolve_k
-from .sensitivity import _Modes
+from .capture import check_channel_dim, eval_mode, output_tensor, select_layers
+from .checks import check_index_range
+from .selection import resolve_k
 
 MODES = ("zero", "repair", "mean")
 SELECTIONS = ("top", "random", "bottom")
@@ -47,9 +47,7 @@ def intervene(model, layer, neurons, mode="repair", channel_dim=1, mean=None, ou
     def edit(mod, inputs, output):
         out = output_tensor(name, output, output_index)
         cdim = check_channel_dim(name, out, channel_dim)
-        C = out.shape[cdim]
-        if neurons.numel() and (neurons.min() < 0 or neurons.max() >= C):
-            raise ValueError(f"layer {name!r}: neurons must lie in [0, {C}), got {neurons.tolist()}")
+        check_index_range(neurons, out.shape[cdim], f"layer {name!r}", "neurons")
         if neurons.numel() == 0:
             return None
         if mode == "repair" and out.shape[0] % 2:
@@ -103,7 +101,7 @@ def mean_benign_output(model, batches, layer, output_index=None):
 
     handle = module.register_forward_hook(keep)
     try:
-        with _Modes(model):
+        with eval_mode(model):
             for x, _, _ in batches:
                 model(x)
     finally:
@@ -115,7 +113,7 @@ def mean_benign_output(model, batches, layer, output_index=None):
 def accuracies(model, batches, layer=None, neurons=(), mode="repair", channel_dim=1, mean=None, output_index=None):
     """(benign accuracy, adversarial accuracy) over ``batches`` with the intervention applied."""
     correct_benign = correct_adv = total = 0
-    with _Modes(model):
+    with eval_mode(model):
         for x, x_adv, y in batches:
             if layer is None:
                 logits = model(torch.cat([x, x_adv]))

@@ -10,7 +10,7 @@ import os
 
 import torch
 
-from .ops import TopK, resolve_k
+from .selection import ranks, resolve_k, topk
 
 FORMAT = "neurosens.sensitivity/1"
 
@@ -64,9 +64,7 @@ class SensitivityReport:
         Ties are broken by the lower neuron index, so rankings are reproducible.
         """
         values = self[layer]
-        k = resolve_k(k, values.numel(), f"SensitivityReport.topk({layer!r})")
-        order = torch.sort(values, descending=largest, stable=True).indices[:k]
-        return TopK(values[order], order)
+        return topk(values, resolve_k(k, values.numel(), f"SensitivityReport.topk({layer!r})"), largest)
 
     def bottomk(self, layer, k=0.1):
         """The ``k`` least sensitive neurons of ``layer``, least first."""
@@ -118,9 +116,7 @@ class SensitivityReport:
             out = csv.writer(f)
             out.writerow(["layer", "neuron", "sensitivity", "rank"])
             for name, v in self.sensitivity.items():
-                rank = torch.empty_like(v, dtype=torch.int64)
-                rank[torch.sort(v, descending=True, stable=True).indices] = torch.arange(1, v.numel() + 1)
-                for neuron, (value, r) in enumerate(zip(v.tolist(), rank.tolist())):
+                for neuron, (value, r) in enumerate(zip(v.tolist(), ranks(v).tolist())):
                     out.writerow([name, neuron, repr(value), r])
         return path
 

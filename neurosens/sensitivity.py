@@ -13,11 +13,11 @@ import torch
 import torch.distributed as dist
 from tqdm.auto import tqdm
 
-from . import __version__
-from .capture import LayerHooks, check_channel_dim, output_tensor, select_layers, unwrap
+from .capture import LayerHooks, check_channel_dim, eval_mode, select_layers, unwrap
+from .checks import check_metric
 from .ops import neuron_distance
-from .reference import METRICS
 from .report import SensitivityReport
+from .version import __version__
 
 
 def describe(obj):
@@ -30,23 +30,6 @@ def describe(obj):
     if type(obj).__repr__ is object.__repr__:
         return type(obj).__name__
     return repr(obj)
-
-
-class _Modes:
-    """Restores the train/eval flag of every submodule (they may differ, e.g. frozen BatchNorm)."""
-
-    def __init__(self, model):
-        self.model = model
-        self.flags = [(m, m.training) for m in model.modules()]
-
-    def __enter__(self):
-        self.model.eval()
-        return self
-
-    def __exit__(self, *exc):
-        for module, flag in self.flags:
-            module.training = flag
-        return False
 
 
 class NeuronSensitivity:
@@ -64,10 +47,7 @@ class NeuronSensitivity:
     """
 
     def __init__(self, model, layers="auto", metric="l1", channel_dim=1, relative=False, auto="conv_linear", output_index=None):
-        if metric not in METRICS:
-            raise ValueError(f"NeuronSensitivity: unknown metric={metric!r}; expected one of {', '.join(map(repr, METRICS))}")
-        if relative and metric == "cosine":
-            raise ValueError("NeuronSensitivity: relative=True is not defined for metric='cosine' (it is already scale-free)")
+        check_metric(metric, "NeuronSensitivity", relative=relative)
         self.model = model
         self.modules = select_layers(model, layers, auto)
         if isinstance(channel_dim, dict):
@@ -121,7 +101,7 @@ class NeuronSensitivity:
         self._calls = {name: 0 for name in self.modules}
         self._batch = {}
         hooks = LayerHooks(self.modules, lambda name, t: self._reduce(name, t, batch), self.output_index)
-        with _Modes(self.model), hooks:
+        with eval_mode(self.model), hooks:
             out = self.model(torch.cat([x, x_adv]))
         hooks.check_ran()
         # Commit only once the whole forward succeeded, so a failing batch leaves the sums untouched.
@@ -145,7 +125,7 @@ class NeuronSensitivity:
             y = x_adv if y is None else y
             if y is None:
                 raise ValueError("NeuronSensitivity.update: an attack needs the labels: update(x, y, attack=atk)")
-            with _Modes(self.model):
+            with eval_mode(self.model):
                 x_adv = attack(x, y)
         elif x_adv is None:
             raise ValueError("NeuronSensitivity.update: give the adversarial inputs (update(x, x_adv)) or an attack (update(x, y, attack=atk))")

@@ -21,16 +21,9 @@ import torch
 import torch.distributed as dist
 
 from .capture import LayerHooks, check_channel_dim, select_layers, unwrap
-from .ops import _check_metric, neuron_distance, resolve_k, stabilize
-
-
-def _check_k(k):
-    if isinstance(k, bool) or not isinstance(k, (int, float)):
-        raise TypeError(f"SNS: k must be an int count or a float fraction, got {k!r}")
-    if isinstance(k, float) and not 0.0 < k <= 1.0:
-        raise ValueError(f"SNS: k={k} as a fraction must be in (0, 1]")
-    if isinstance(k, int) and k < 1:
-        raise ValueError(f"SNS: k={k} must be at least 1")
+from .checks import check_metric
+from .ops import neuron_distance, stabilize
+from .selection import resolve_k, topk
 
 
 def _declared_neurons(module, channel_dim):
@@ -57,8 +50,8 @@ class SNSRegularizer:
     def __init__(self, model, layers="auto", k=0.3, lam=1.0, metric="l1", select_metric="l1", refresh=1,
                  detach_benign=False, channel_dim=1, auto="conv_linear", output_index=None):
         self.modules = select_layers(unwrap(model), layers, auto)
-        _check_metric(metric, "SNS")
-        _check_metric(select_metric, "SNS", arg="select_metric")
+        check_metric(metric, "SNS")
+        check_metric(select_metric, "SNS", arg="select_metric")
         if not isinstance(lam, (int, float)) or isinstance(lam, bool) or not math.isfinite(lam) or lam < 0:
             raise ValueError(f"SNS: lam={lam!r} must be a finite number >= 0")
         if isinstance(refresh, bool) or not isinstance(refresh, int) or refresh < 1:
@@ -71,10 +64,7 @@ class SNSRegularizer:
         if missing:
             raise ValueError(f"SNS: k has no entry for layers {', '.join(missing)}")
         for name, value in ks.items():
-            _check_k(value)
-            neurons = _declared_neurons(self.modules[name], channel_dim)
-            if neurons is not None:
-                resolve_k(value, neurons, f"SNS layer {name!r}")
+            resolve_k(value, _declared_neurons(self.modules[name], channel_dim), f"SNS layer {name!r}")
         self.k = ks
         self.lam = float(lam)
         self.metric, self.select_metric = metric, select_metric
@@ -109,7 +99,7 @@ class SNSRegularizer:
         stat = neuron_distance(a, b, self.select_metric, cdim).sum
         if distributed:
             dist.all_reduce(stat)
-        return torch.topk(stat, k).indices
+        return topk(stat, k).indices
 
     def loss(self):
         """``lam`` times the mean over layers of the stabilizing term of each layer's selection."""

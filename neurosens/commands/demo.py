@@ -32,7 +32,7 @@ def run(args):
 
     from .. import data as datasets
     from ..models import build_model
-    from ..ops import info
+    from ..extension import info
     from ..study import run_study
     from ..training import Trainer, TrainConfig, seed_everything
 

@@ -8,7 +8,7 @@ def add_arguments(parser):
 
 
 def run(args):
-    from ..ops import info
+    from ..extension import info
 
     details = info()
     if args.json:

@@ -1,0 +1,59 @@
+"""Argument checks shared by every public entry point.
+
+Each raises with one line that names the caller (``where``) and what is wrong with which argument.
+"""
+import torch
+
+from .reference import METRICS
+
+FLOAT_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+
+
+def check_metric(metric, where, arg="metric", relative=False):
+    if metric not in METRICS:
+        raise ValueError(f"{where}: unknown {arg}={metric!r}; expected one of {', '.join(map(repr, METRICS))}")
+    if relative and metric == "cosine":
+        raise ValueError(f"{where}: relative=True is not defined for metric='cosine' (the cosine is already scale-free)")
+
+
+def check_channel_dim(channel_dim, shape, where, what="shape"):
+    """The channel dim as a non-negative index into ``shape``: in range, and not the batch dim 0."""
+    shape = list(shape)
+    if isinstance(channel_dim, bool) or not isinstance(channel_dim, int) or not -len(shape) <= channel_dim < len(shape):
+        raise ValueError(f"{where}: channel_dim={channel_dim} is out of range for {what} {shape}")
+    cdim = channel_dim % len(shape)
+    if cdim == 0:
+        raise ValueError(f"{where}: channel_dim={channel_dim} points at the batch dim of {what} {shape}")
+    return cdim
+
+
+def check_index_range(indices, num_neurons, where, what="indices"):
+    """Every entry of the int tensor ``indices`` names one of ``num_neurons`` neurons."""
+    if indices.numel() == 0:
+        return
+    lo, hi = int(indices.min()), int(indices.max())
+    if lo < 0 or hi >= num_neurons:
+        raise ValueError(f"{where}: {what} must lie in [0, {num_neurons}), got values in [{lo}, {hi}]")
+
+
+def check_pair(a, b, channel_dim, where):
+    """A benign/adversarial activation pair; returns the channel dim as a non-negative index."""
+    if not isinstance(a, torch.Tensor) or not isinstance(b, torch.Tensor):
+        raise TypeError(f"{where}: a and b must be tensors, got {type(a).__name__} and {type(b).__name__}")
+    if a.device != b.device:
+        raise RuntimeError(f"{where}: a and b must be on the same device, got a on {a.device} and b on {b.device}")
+    if a.dtype != b.dtype:
+        raise RuntimeError(f"{where}: a and b must have the same dtype, got a {a.dtype} and b {b.dtype}")
+    if a.dtype not in FLOAT_DTYPES:
+        raise RuntimeError(f"{where}: a and b must be float32, float64, float16 or bfloat16, got {a.dtype}")
+    if a.shape != b.shape:
+        raise RuntimeError(f"{where}: a and b must have the same shape, got a {list(a.shape)} and b {list(b.shape)}")
+    if a.dim() < 2:
+        raise RuntimeError(f"{where}: activations need a batch and a neuron dim ([N, C, ...]), got shape {list(a.shape)}")
+    cdim = check_channel_dim(channel_dim, a.shape, where)
+    if a.shape[0] == 0:
+        raise ValueError(f"{where}: the batch is empty (shape {list(a.shape)})")
+    if a.numel() == 0:
+        raise ValueError(f"{where}: activations of shape {list(a.shape)} have no elements")
+    return cdim
+

@@ -1,0 +1,27 @@
+"""What the environment decides: boolean switches from environment variables, the default device."""
+import os
+
+import torch
+
+_TRUE = ("1", "true", "yes", "on")
+_FALSE = ("0", "false", "no", "off")
+
+
+def env_flag(name, default=False):
+    """The boolean environment variable ``name``: 1/true/yes/on or 0/false/no/off (any case);
+    unset or empty gives ``default``, anything else is an error."""
+    value = os.environ.get(name, "").strip().lower()
+    if not value:
+        return default
+    if value in _TRUE:
+        return True
+    if value in _FALSE:
+        return False
+    raise ValueError(f"{name}={os.environ[name]!r}: expected one of {', '.join(_TRUE + _FALSE)}")
+
+
+def default_device(device=None):
+    """``device`` if given, else the current CUDA device when one is visible, else the CPU."""
+    if device is not None:
+        return torch.device(device)
+    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")

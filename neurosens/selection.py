@@ -1,0 +1,53 @@
+"""Which neurons: ``k`` as a count or a fraction of a layer, and the top-k with one tie rule.
+
+Ties go to the lower neuron index, whoever computed the values, so a ranking is the same on every
+backend and every run. Nothing here needs the compiled extension: reading a saved report and
+ranking its neurons stays pure PyTorch.
+"""
+from typing import NamedTuple
+
+import torch
+
+
+class TopK(NamedTuple):
+    values: torch.Tensor
+    indices: torch.Tensor
+
+
+def resolve_k(k, num_neurons=None, op="neurosens", what="k"):
+    """A neuron count from ``k``: an int in [1, C], or a float fraction in (0, 1] of C (at least 1).
+
+    With ``num_neurons=None`` (a layer not built yet) only the form of ``k`` is checked and None
+    is returned.
+    """
+    if isinstance(k, bool) or not isinstance(k, (int, float)):
+        raise TypeError(f"{op}: {what} must be an int count or a float fraction, got {k!r}")
+    if isinstance(k, float):
+        if not 0.0 < k <= 1.0:
+            raise ValueError(f"{op}: {what}={k} as a fraction must be in (0, 1]")
+        return None if num_neurons is None else max(1, round(k * num_neurons))
+    if num_neurons is None:
+        if k < 1:
+            raise ValueError(f"{op}: {what}={k} must be at least 1")
+        return None
+    if not 1 <= k <= num_neurons:
+        raise ValueError(f"{op}: {what}={k} is out of range: the layer has {num_neurons} neurons, so it must be in [1, {num_neurons}]")
+    return k
+
+
+def order(values, largest=True):
+    """Indices of the 1-D ``values`` from largest (``largest=False``: smallest) on; ties keep the lower index first."""
+    return torch.sort(values, descending=largest, stable=True).indices
+
+
+def topk(values, k, largest=True):
+    """The ``k`` largest (smallest) of the 1-D ``values``, in order, as :class:`TopK`."""
+    chosen = order(values, largest)[:k]
+    return TopK(values[chosen], chosen)
+
+
+def ranks(values):
+    """The rank of every entry of the 1-D ``values``: 1 for the largest, ties ranked by index."""
+    rank = torch.empty_like(values, dtype=torch.int64)
+    rank[order(values)] = torch.arange(1, values.numel() + 1, device=values.device)
+    return rank
