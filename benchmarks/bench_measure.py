@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 import neurosens
-from neurosens import ops
+from neurosens.extension import info
 from neurosens.sensitivity import NeuronSensitivity
 
 EPS = 8 / 255
@@ -295,7 +295,7 @@ def main():
         "threads": torch.get_num_threads(),
         "torch": torch.__version__,
         "neurosens": neurosens.__version__,
-        "backend": ops.info(),
+        "backend": info(),
         "command": " ".join(["python", "benchmarks/bench_measure.py"] + sys.argv[1:]),
     }
     os.makedirs(args.out, exist_ok=True)

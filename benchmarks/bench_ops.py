@@ -25,7 +25,7 @@ import time
 import torch
 
 import neurosens
-from neurosens import ops, reference
+from neurosens import extension, ops, reference
 
 SHAPES = [(128, 64, 32, 32), (128, 256, 8, 8), (128, 512, 4, 4), (128, 200)]
 LARGE_SHAPES = [(256, 256, 56, 56)]
@@ -200,7 +200,7 @@ def main():
         "copy_bandwidth_gb_s": copy_bw / 1e9,
         "torch": torch.__version__,
         "neurosens": neurosens.__version__,
-        "backend": ops.info(),
+        "backend": extension.info(),
         "keep_freed_memory": args.keep_freed_memory,
         "command": " ".join([os.path.basename(sys.executable)] + sys.argv),
     }

@@ -42,7 +42,7 @@ def two_graphs_loss(model, x, y, attack):
 
 def variants(model, attack_steps, eps):
     from neurosens.attacks import PGD
-    from neurosens.training import SNSLoss, pgd_at_loss
+    from neurosens.methods import SNSLoss, pgd_at_loss
 
     attack = PGD(model, eps, steps=attack_steps)
     return attack, {
@@ -95,7 +95,7 @@ def time_steps(name, batch, args, device):
 
 def run_backend(args):
     """All models on the backend this process has; one JSON line on stdout."""
-    from neurosens import ops
+    from neurosens.extension import info
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -105,7 +105,7 @@ def run_backend(args):
         keep_freed_memory()
     device = torch.device(args.device)
     rows = [time_steps(name, args.cnn_batch if "cnn" in name else args.resnet_batch, args, device) for name in MODELS]
-    print(json.dumps({"backend": "fused" if ops.info()["extension"] == "built" else "reference", "rows": rows}))
+    print(json.dumps({"backend": "fused" if info()["extension"] == "built" else "reference", "rows": rows}))
 
 
 def main():

@@ -227,3 +227,16 @@ class AutoAttack(Attack):
 
 #: Name -> class, for building attacks from configuration.
 ATTACKS = {"fgsm": FGSM, "pgd": PGD, "cw": CW, "autoattack": AutoAttack}
+
+
+def make_attack(name, model, eps, norm="linf", alpha=None, steps=None, restarts=1, num_classes=10, seed=0):
+    """An attack of :data:`ATTACKS` by name, given the options that kind takes: FGSM only ``norm``,
+    AutoAttack ``norm``, ``num_classes`` and ``seed``, PGD and CW the step size, steps (None: the
+    attack's default) and restarts."""
+    if name not in ATTACKS:
+        raise ValueError(f"attack {name!r} is unknown; expected one of {', '.join(ATTACKS)}")
+    if name == "fgsm":
+        return FGSM(model, eps, norm)
+    if name == "autoattack":
+        return AutoAttack(model, eps, norm, num_classes=num_classes, seed=seed)
+    return ATTACKS[name](model, eps, alpha, norm=norm, restarts=restarts, **({} if steps is None else {"steps": steps}))

@@ -17,6 +17,7 @@ from tqdm.auto import tqdm
 
 from .capture import check_channel_dim, eval_mode, output_tensor, select_layers
 from .checks import check_index_range
+from .evaluation import hits
 from .selection import resolve_k
 
 MODES = ("zero", "repair", "mean")
@@ -120,9 +121,9 @@ def accuracies(model, batches, layer=None, neurons=(), mode="repair", channel_di
             else:
                 with intervene(model, layer, neurons, mode, channel_dim, mean, output_index):
                     logits = model(torch.cat([x, x_adv]))
-            pred = logits.argmax(1)
-            correct_benign += (pred[: len(y)] == y).sum().item()
-            correct_adv += (pred[len(y):] == y).sum().item()
+            right = hits(logits, y.repeat(2))
+            correct_benign += right[: len(y)].sum().item()
+            correct_adv += right[len(y):].sum().item()
             total += len(y)
     return correct_benign / total, correct_adv / total
 

@@ -15,6 +15,7 @@ from tqdm.auto import tqdm
 
 from .capture import LayerHooks, check_channel_dim, eval_mode, select_layers, unwrap
 from .checks import check_metric
+from .evaluation import hits
 from .ops import neuron_distance
 from .report import SensitivityReport
 from .version import __version__
@@ -112,8 +113,8 @@ class NeuronSensitivity:
                 self._sums[key], self._shapes[key] = partial, shape
         self._samples += batch
         if y is not None and isinstance(out, torch.Tensor) and out.dim() == 2 and out.shape[0] == 2 * batch:
-            hits = (out.argmax(1) == y.to(out.device).repeat(2)).view(2, batch).sum(1).to(torch.float64).cpu()
-            self._correct += torch.cat([hits, hits.new_tensor([batch])])
+            right = hits(out, y.to(out.device).repeat(2)).view(2, batch).sum(1).to(torch.float64).cpu()
+            self._correct += torch.cat([right, right.new_tensor([batch])])
 
     def update(self, x, x_adv=None, attack=None, y=None):
         """Add one batch: ``update(x, x_adv)`` with adversarial inputs given, or

@@ -1,17 +1,6 @@
-"""Training: standard, PGD-AT (Madry et al.), TRADES and SNS, with checkpoints, exact resume and DDP.
+"""Training runs: the options of a run, the Trainer, and distributed set-up.
 
-A training method is a loss function::
-
-    loss_fn(model, x, y, attack) -> (loss, logs)
-
-``model`` is the network being trained (wrapped in DistributedDataParallel under torchrun: call it
-for every forward whose gradients should be synchronized); ``attack`` is the training attack (a
-:class:`~neurosens.attacks.PGD` on the bare module, already at the current eps), whose
-``attack(x, y)`` gives the adversarial batch; ``loss`` is a scalar tensor to minimize and ``logs``
-a dict of scalar tensors (batch means, e.g. ``{"adv_acc": ...}``) averaged into the epoch metrics.
-A new method is one more entry of :data:`METHODS` (a factory taking keyword options and
-returning such a function; a function with ``state_dict``/``load_state_dict`` has that state
-checkpointed too).
+The training methods and their losses are in :mod:`neurosens.methods`.
 
 Everything a run needs to continue bit-identically sits in ``<out_dir>/checkpoint.pt``, written
 atomically after every epoch: model, optimizer, scheduler, grad scaler, the RNG states of torch,
@@ -32,127 +21,19 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import Subset
 from tqdm.auto import tqdm
 
-from .attacks import PGD, eval_mode
+from .attacks import PGD
+from .checkpoint import atomic_save, load_checkpoint, rng_state, set_rng_state
 from .data import make_loader
+from .evaluation import evaluate
+from .methods import METHODS, make_loss
 
 CHECKPOINT = "checkpoint.pt"
 FINAL = "model.pt"
 METRICS = "metrics.jsonl"
-
-
-def _accuracy(logits, y):
-    return (logits.argmax(1) == y).float().mean().detach()
-
-
-def standard_loss(model, x, y, attack):
-    """Cross-entropy on clean inputs; the attack is not used."""
-    logits = model(x)
-    return F.cross_entropy(logits, y), {"acc": _accuracy(logits, y)}
-
-
-def pgd_at_loss(model, x, y, attack):
-    """Madry et al.: cross-entropy on the PGD adversarial batch only."""
-    logits = model(attack(x, y))
-    return F.cross_entropy(logits, y), {"adv_acc": _accuracy(logits, y)}
-
-
-def trades_loss(beta=6.0):
-    """TRADES (Zhang et al.): CE(f(x), y) + beta * KL(f(x) || f(x')), where x' maximizes the KL term
-    by PGD with the training attack's eps, step and steps, started at x + 0.001 * N(0, 1)."""
-    if beta < 0:
-        raise ValueError(f"beta={beta!r}: the TRADES weight must be >= 0")
-
-    def loss_fn(model, x, y, attack):
-        with torch.no_grad(), eval_mode(attack.model):
-            p_clean = F.softmax(attack.model(x), 1)
-
-        def kl_to_clean(logits, _):
-            return F.kl_div(F.log_softmax(logits, 1), p_clean, reduction="none").sum(1)
-
-        inner = PGD(attack.model, attack.eps, attack.alpha, attack.steps, attack.norm, random_start="normal", loss=kl_to_clean)
-        x_adv = inner(x, y)
-        logits, logits_adv = model(x), model(x_adv)
-        ce = F.cross_entropy(logits, y)
-        kl = F.kl_div(F.log_softmax(logits_adv, 1), F.softmax(logits, 1), reduction="batchmean")
-        return ce + beta * kl, {"acc": _accuracy(logits, y), "adv_acc": _accuracy(logits_adv, y),
-                                "ce": ce.detach(), "kl": kl.detach()}
-
-    return loss_fn
-
-
-class SNSLoss:
-    """SNS training: the adversarial cross-entropy plus ``lam`` times the stabilizing term of the
-    top-k most sensitive neurons of the chosen layers (see :class:`~neurosens.sns.SNSRegularizer`),
-    plus ``clean_weight`` times the clean cross-entropy.
-
-    ``adv_examples="correct"`` keeps in the adversarial cross-entropy only the examples the model
-    classifies right on the benign input. With ``lam=0``, ``clean_weight=0`` and all examples no
-    benign forward is needed, and a step is exactly a PGD-AT step.
-    """
-
-    ADV_EXAMPLES = ("all", "correct")
-
-    def __init__(self, model, layers="auto", k=0.3, lam=1.0, metric="l1", select_metric="l1", clean_weight=0.0,
-                 adv_examples="all", refresh=1, detach_benign=False):
-        from .sns import SNSRegularizer
-
-        if adv_examples not in self.ADV_EXAMPLES:
-            raise ValueError(f"SNS: adv_examples={adv_examples!r} is unknown; expected one of {', '.join(self.ADV_EXAMPLES)}")
-        if not clean_weight >= 0:
-            raise ValueError(f"SNS: clean_weight={clean_weight!r} must be >= 0")
-        self.regularizer = SNSRegularizer(model, layers, k, lam, metric, select_metric, refresh, detach_benign)
-        self.clean_weight, self.adv_examples = float(clean_weight), adv_examples
-
-    def __call__(self, model, x, y, attack):
-        reg = self.regularizer
-        x_adv = attack(x, y)
-        if reg.lam == 0 and self.clean_weight == 0 and self.adv_examples == "all":
-            logits_adv = model(x_adv)
-            return F.cross_entropy(logits_adv, y), {"adv_acc": _accuracy(logits_adv, y)}
-        with reg.capture():
-            # A detached benign side needs no graph unless the clean cross-entropy uses it.
-            with torch.set_grad_enabled(not (reg.detach_benign and self.clean_weight == 0)):
-                logits = model(x)
-            logits_adv = model(x_adv)
-        ce_each = F.cross_entropy(logits_adv, y, reduction="none")
-        if self.adv_examples == "correct":
-            ce_each = ce_each * (logits.argmax(1) == y).to(ce_each.dtype)
-        ce = ce_each.mean()
-        sns = reg.loss()
-        loss = ce + sns
-        logs = {"acc": _accuracy(logits, y), "adv_acc": _accuracy(logits_adv, y), "ce": ce.detach(), "sns": sns.detach()}
-        if self.clean_weight:
-            clean_ce = F.cross_entropy(logits, y)
-            loss = loss + self.clean_weight * clean_ce
-            logs["clean_ce"] = clean_ce.detach()
-        return loss, logs
-
-    def state_dict(self):
-        return self.regularizer.state_dict()
-
-    def load_state_dict(self, state):
-        self.regularizer.load_state_dict(state)
-
-
-#: Method name -> factory(**options) -> loss_fn(model, x, y, attack) -> (loss, logs).
-METHODS = {
-    "standard": lambda **options: standard_loss,
-    "pgd_at": lambda **options: pgd_at_loss,
-    "trades": lambda beta=6.0, **options: trades_loss(beta),
-    "sns": lambda model, sns=None, **options: SNSLoss(model, **(sns or {})),
-}
-
-
-def make_loss(method, **options):
-    """The loss function of a training method (see :data:`METHODS`)."""
-    if method not in METHODS:
-        raise ValueError(f"method={method!r} is unknown; expected one of {', '.join(METHODS)}")
-    return METHODS[method](**options)
 
 
 @dataclasses.dataclass
@@ -244,27 +125,6 @@ def seed_everything(seed, deterministic=True):
         torch.backends.cudnn.benchmark = False
 
 
-def _rng_state():
-    keys, pos, has_gauss, gauss = np.random.get_state()[1:]
-    return {
-        "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-        "numpy": {"keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
-                  "has_gauss": int(has_gauss), "gauss": float(gauss)},
-        "python": random.getstate(),
-    }
-
-
-def _set_rng_state(state):
-    torch.set_rng_state(state["torch"])
-    if state["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-    n = state["numpy"]
-    np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
-    version, internal, gauss_next = state["python"]
-    random.setstate((version, tuple(internal), gauss_next))
-
-
 def init_distributed():
     """Join the process group torchrun describes (gloo on CPU, NCCL on GPU); returns (rank, world size)."""
     if dist.is_initialized():
@@ -276,58 +136,6 @@ def init_distributed():
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     dist.init_process_group(backend)
     return dist.get_rank(), dist.get_world_size()
-
-
-def atomic_save(obj, path):
-    """torch.save to a temporary file in the same folder, then rename: a crash never leaves half a file."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-
-
-def load_checkpoint(path, device="cpu"):
-    return torch.load(path, map_location=device, weights_only=True)
-
-
-def load_model(path, device="cpu"):
-    """Rebuild a model from a ``model.pt`` or ``checkpoint.pt`` written by :class:`Trainer` with
-    ``meta={"model": {build_model arguments}}``; returns it in eval mode."""
-    from .models import build_model
-
-    state = load_checkpoint(path, device)
-    spec = (state.get("meta") or {}).get("model")
-    if not spec:
-        raise ValueError(f"{path}: has no meta['model'] (the build_model arguments); rebuild the model yourself "
-                         f"and load state['model']")
-    model = build_model(**spec).to(device)
-    model.load_state_dict(state["model"])
-    return model.eval()
-
-
-def evaluate(model, loader, attacks=None, device=None, progress=False, distributed=False):
-    """Clean accuracy and the accuracy under each attack (name -> attack, each run on its own).
-
-    Returns ``{"n": images, "clean": acc, name: acc, ...}``; with ``distributed``, counts are summed
-    over the ranks (each giving its own shard)."""
-    attacks = attacks or {}
-    device = device or next(model.parameters()).device
-    names = ["clean", *attacks]
-    correct = torch.zeros(len(names), dtype=torch.float64)
-    total = 0
-    with eval_mode(model):
-        for x, y in tqdm(loader, desc="eval", unit="batch", disable=not progress, leave=False):
-            x, y = x.to(device), y.to(device)
-            for i, name in enumerate(names):
-                inputs = x if name == "clean" else attacks[name](x, y)
-                with torch.no_grad():
-                    correct[i] += (model(inputs).argmax(1) == y).sum().item()
-            total += len(y)
-    counts = torch.cat([correct, torch.tensor([float(total)], dtype=torch.float64)])
-    if distributed:
-        dist.all_reduce(counts)
-    total = int(counts[-1])
-    return {"n": total, **{name: (counts[i] / max(total, 1)).item() for i, name in enumerate(names)}}
 
 
 class Trainer:
@@ -446,7 +254,7 @@ class Trainer:
         return {f"test_{k}": v for k, v in result.items()}
 
     def state_dict(self):
-        rng = _rng_state()
+        rng = rng_state()
         if self.distributed:
             ranks = [None] * self.world
             dist.all_gather_object(ranks, rng)
@@ -470,7 +278,7 @@ class Trainer:
         self.epoch, self.history = state["epoch"], list(state["history"])
         if state.get("loss_state") is not None:
             self.loss_fn.load_state_dict(state["loss_state"])
-        _set_rng_state(state["rng"][self.rank])
+        set_rng_state(state["rng"][self.rank])
 
     def _write(self, name, obj):
         if self.rank == 0 and self.out_dir is not None:

@@ -12,7 +12,7 @@ import torch
 
 from neurosens import data, measure
 from neurosens.attacks import PGD
-from neurosens.training import load_checkpoint, load_model
+from neurosens.checkpoint import load_checkpoint, load_model
 
 
 def main():

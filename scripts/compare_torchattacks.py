@@ -11,7 +11,7 @@ import torchattacks
 
 from neurosens import data
 from neurosens.attacks import PGD
-from neurosens.training import load_checkpoint, load_model
+from neurosens.checkpoint import load_checkpoint, load_model
 
 
 def main():

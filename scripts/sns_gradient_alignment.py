@@ -14,8 +14,8 @@ import torch
 import torch.nn.functional as F
 
 import neurosens as ns
+from neurosens.checkpoint import load_model
 from neurosens.data import make_loader, mnist
-from neurosens.training import load_model
 
 
 def flat_grad(loss, params):

@@ -5,7 +5,8 @@ import math
 import pytest
 import torch
 
-from neurosens.report import Comparison, SensitivityReport, compare, plot_histograms, plot_layer_means, plot_sorted, save_plots
+from neurosens.plots import plot_histograms, plot_layer_means, plot_sorted, save_plots
+from neurosens.report import Comparison, SensitivityReport, compare
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 

@@ -7,8 +7,9 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 
 from neurosens import data, reference
+from neurosens.methods import SNSLoss
 from neurosens.models import build_model
-from neurosens.training import SNSLoss, Trainer, TrainConfig
+from neurosens.training import Trainer, TrainConfig
 
 SPEC = {"name": "small-cnn", "num_classes": 10, "in_channels": 1, "input_size": 8, "width": 8, "hidden": 32}
 

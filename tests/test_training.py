@@ -7,9 +7,12 @@ import torch.multiprocessing as mp
 
 from neurosens import data, training
 from neurosens.attacks import PGD
+from neurosens.checkpoint import load_model
 from neurosens.cli import main as cli_main
+from neurosens.evaluation import evaluate
+from neurosens.methods import METHODS, make_loss
 from neurosens.models import build_model
-from neurosens.training import METHODS, Trainer, TrainConfig, evaluate, load_model, make_loss
+from neurosens.training import Trainer, TrainConfig
 
 
 @pytest.fixture(autouse=True, scope="module")

@@ -28,27 +28,14 @@ def add_arguments(parser):
     parser.add_argument("--json", dest="json_out", help="write the results to this JSON file")
 
 
-def build_attacks(names, model, eps, norm, steps, alpha, restarts, num_classes, seed):
-    from ..attacks import CW, FGSM, PGD, AutoAttack
-
-    attacks = {}
-    for name in names:
-        if name == "fgsm":
-            attacks["fgsm"] = FGSM(model, eps, norm=norm)
-        elif name == "pgd":
-            attacks[f"pgd-{steps}"] = PGD(model, eps, alpha, steps, norm, restarts=restarts)
-        elif name == "cw":
-            attacks[f"cw-{steps}"] = CW(model, eps, alpha, steps, norm, restarts=restarts)
-        elif name == "autoattack":
-            attacks["autoattack"] = AutoAttack(model, eps, norm, num_classes=num_classes, seed=seed)
-    return attacks
-
-
 def run(args):
     import torch
 
     from .. import data as datasets
-    from ..training import evaluate, load_checkpoint, load_model
+    from ..attacks import make_attack
+    from ..checkpoint import load_checkpoint, model_from_state
+    from ..env import default_device
+    from ..evaluation import evaluate
 
     names = [a.strip() for a in args.attacks.split(",") if a.strip()]
     unknown = sorted(set(names) - set(CHOICES))
@@ -56,9 +43,10 @@ def run(args):
         raise SystemExit(f"--attacks: unknown {', '.join(unknown)}; choose from {', '.join(CHOICES)}")
     if args.threads:
         torch.set_num_threads(args.threads)
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    model = load_model(args.checkpoint, device)
-    meta = load_checkpoint(args.checkpoint).get("meta") or {}
+    device = default_device(args.device)
+    state = load_checkpoint(args.checkpoint)
+    model = model_from_state(state, args.checkpoint, device)
+    meta = state.get("meta") or {}
     data_name = args.data or meta.get("data")
     if not data_name:
         raise SystemExit("--data: the checkpoint does not say which data set it was trained on; pass --data")
@@ -72,8 +60,10 @@ def run(args):
     if "clean" in names:
         started = time.perf_counter()
         rows["clean"] = {"accuracy": evaluate(model, loader, {}, device)["clean"], "seconds": time.perf_counter() - started}
-    for label, attack in build_attacks(names, model, args.eps, args.norm, args.steps, args.alpha, args.restarts,
-                                       num_classes, args.seed).items():
+    labels = {"pgd": f"pgd-{args.steps}", "cw": f"cw-{args.steps}"}
+    for name in (n for n in names if n != "clean"):
+        label = labels.get(name, name)
+        attack = make_attack(name, model, args.eps, args.norm, args.alpha, args.steps, args.restarts, num_classes, args.seed)
         torch.manual_seed(args.seed)
         started = time.perf_counter()
         result = evaluate(model, loader, {label: attack}, device, progress=True)

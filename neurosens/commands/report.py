@@ -29,7 +29,8 @@ def run(args):
 
     from .. import data as datasets
     from ..study import run_study
-    from ..training import load_checkpoint, load_model
+    from ..checkpoint import load_checkpoint, load_model
+    from ..env import default_device
 
     labels = args.labels or [os.path.basename(os.path.dirname(os.path.abspath(p))) for p in args.models]
     if len(labels) != len(args.models):
@@ -40,7 +41,7 @@ def run(args):
         raise SystemExit(f"--intervene-on: {args.intervene_on!r} is not one of the labels {', '.join(labels)}")
     if args.threads:
         torch.set_num_threads(args.threads)
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = default_device(args.device)
     data_name = args.data or (load_checkpoint(args.models[0]).get("meta") or {}).get("data")
     if not data_name:
         raise SystemExit("--data: the checkpoint does not say which data set it was trained on; pass --data")

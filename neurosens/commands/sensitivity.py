@@ -66,26 +66,6 @@ def _layer_specs(entries):
     return specs
 
 
-def _load_model(args, state, dataset, device):
-    """The model of a training checkpoint: rebuilt from its recorded arguments, or from --arch."""
-    from ..models import build_model
-
-    spec = dict((state.get("meta") or {}).get("model") or {})
-    if spec and args.arch and spec.get("name") != args.arch:
-        raise ValueError(f"{args.model}: the checkpoint holds a {spec.get('name')!r} model, but --arch is {args.arch!r}")
-    if not spec:
-        if not args.arch:
-            raise ValueError(f"{args.model}: the checkpoint does not record its architecture; give --arch")
-        channels, size = dataset.shape[0], dataset.shape[1]
-        spec = {"name": args.arch, "num_classes": dataset.num_classes, "in_channels": channels, "input_size": size}
-        if any(key.startswith("normalize.") for key in state["model"]):
-            # Placeholders: the checkpoint's own mean and std are loaded below.
-            spec.update(mean=[0.0] * channels, std=[1.0] * channels)
-    model = build_model(**spec)
-    model.load_state_dict(state["model"])
-    return model.to(device).eval()
-
-
 def _print_summary(report, top):
     print(f"{report.meta['model']} ({report.meta.get('label')}), {report.meta['samples']} samples, "
           f"attack {report.meta['attack']}, metric {report.meta['metric']}")
@@ -102,21 +82,21 @@ def run(args):
     import torch
 
     from .. import data
-    from ..attacks import ATTACKS
-    from ..report import SensitivityReport, compare, save_plots
+    from ..attacks import make_attack
+    from ..checkpoint import load_checkpoint, model_from_state
+    from ..env import default_device
+    from ..plots import save_plots
+    from ..report import SensitivityReport, compare
     from ..sensitivity import describe, measure
-    from ..training import load_checkpoint
 
     if args.samples is not None and args.samples < 1:
         raise SystemExit("neurosens sensitivity: --samples must be at least 1")
     if args.top < 1:
         raise SystemExit("neurosens sensitivity: --top must be at least 1")
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = default_device(args.device)
     try:
         others = [SensitivityReport.from_json(path) for path in args.compare]
         state = load_checkpoint(args.model)
-        if not isinstance(state, dict) or "model" not in state:
-            raise ValueError(f"{args.model}: not a neurosens checkpoint (it has no 'model' entry)")
         data_name = args.data or (state.get("meta") or {}).get("data")
         if data_name is None:
             raise ValueError(f"{args.model}: the checkpoint does not record its data set; give --data")
@@ -126,13 +106,12 @@ def run(args):
         dataset = data.load(data_name, train=args.split == "train", root=args.data_root)
         if args.samples is not None:
             dataset = dataset.subset(args.samples, seed=args.seed)
-        model = _load_model(args, state, dataset, device)
+        model = model_from_state(state, args.model, device, args.arch, dataset)
     except (ValueError, FileNotFoundError, RuntimeError) as err:
         raise SystemExit(f"neurosens sensitivity: {err}") from None
 
-    kinds = {"pgd": dict(alpha=args.alpha, steps=args.steps, norm=args.norm), "cw": dict(alpha=args.alpha, steps=args.steps, norm=args.norm),
-             "fgsm": dict(norm=args.norm), "autoattack": dict(norm=args.norm, num_classes=dataset.num_classes, seed=args.seed)}
-    attack = ATTACKS[args.attack](model, eps, **kinds[args.attack])
+    attack = make_attack(args.attack, model, eps, args.norm, args.alpha, args.steps, num_classes=dataset.num_classes,
+                         seed=args.seed)
     label = args.label or os.path.basename(os.path.dirname(os.path.abspath(args.model))) or "model"
     torch.manual_seed(args.seed)
     try:

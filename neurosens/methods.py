@@ -1,0 +1,124 @@
+"""Training methods: standard, PGD-AT (Madry et al.), TRADES and SNS, each a loss function::
+
+    loss_fn(model, x, y, attack) -> (loss, logs)
+
+``model`` is the network being trained (wrapped in DistributedDataParallel under torchrun: call it
+for every forward whose gradients should be synchronized); ``attack`` is the training attack (a
+:class:`~neurosens.attacks.PGD` on the bare module, already at the current eps), whose
+``attack(x, y)`` gives the adversarial batch; ``loss`` is a scalar tensor to minimize and ``logs``
+a dict of scalar tensors (batch means, e.g. ``{"adv_acc": ...}``) averaged into the epoch metrics.
+A new method is one more entry of :data:`METHODS` (a factory taking keyword options and
+returning such a function; a function with ``state_dict``/``load_state_dict`` has that state
+checkpointed too).
+"""
+import torch
+import torch.nn.functional as F
+
+from .attacks import PGD
+from .capture import eval_mode
+from .evaluation import accuracy
+from .sns import SNSRegularizer
+
+
+def standard_loss(model, x, y, attack):
+    """Cross-entropy on clean inputs; the attack is not used."""
+    logits = model(x)
+    return F.cross_entropy(logits, y), {"acc": accuracy(logits, y)}
+
+
+def pgd_at_loss(model, x, y, attack):
+    """Madry et al.: cross-entropy on the PGD adversarial batch only."""
+    logits = model(attack(x, y))
+    return F.cross_entropy(logits, y), {"adv_acc": accuracy(logits, y)}
+
+
+def trades_loss(beta=6.0):
+    """TRADES (Zhang et al.): CE(f(x), y) + beta * KL(f(x) || f(x')), where x' maximizes the KL term
+    by PGD with the training attack's eps, step and steps, started at x + 0.001 * N(0, 1)."""
+    if beta < 0:
+        raise ValueError(f"beta={beta!r}: the TRADES weight must be >= 0")
+
+    def loss_fn(model, x, y, attack):
+        with torch.no_grad(), eval_mode(attack.model):
+            p_clean = F.softmax(attack.model(x), 1)
+
+        def kl_to_clean(logits, _):
+            return F.kl_div(F.log_softmax(logits, 1), p_clean, reduction="none").sum(1)
+
+        inner = PGD(attack.model, attack.eps, attack.alpha, attack.steps, attack.norm, random_start="normal", loss=kl_to_clean)
+        x_adv = inner(x, y)
+        logits, logits_adv = model(x), model(x_adv)
+        ce = F.cross_entropy(logits, y)
+        kl = F.kl_div(F.log_softmax(logits_adv, 1), F.softmax(logits, 1), reduction="batchmean")
+        return ce + beta * kl, {"acc": accuracy(logits, y), "adv_acc": accuracy(logits_adv, y),
+                                "ce": ce.detach(), "kl": kl.detach()}
+
+    return loss_fn
+
+
+class SNSLoss:
+    """SNS training: the adversarial cross-entropy plus ``lam`` times the stabilizing term of the
+    top-k most sensitive neurons of the chosen layers (see :class:`~neurosens.sns.SNSRegularizer`),
+    plus ``clean_weight`` times the clean cross-entropy.
+
+    ``adv_examples="correct"`` keeps in the adversarial cross-entropy only the examples the model
+    classifies right on the benign input. With ``lam=0``, ``clean_weight=0`` and all examples no
+    benign forward is needed, and a step is exactly a PGD-AT step.
+    """
+
+    ADV_EXAMPLES = ("all", "correct")
+
+    def __init__(self, model, layers="auto", k=0.3, lam=1.0, metric="l1", select_metric="l1", clean_weight=0.0,
+                 adv_examples="all", refresh=1, detach_benign=False):
+        if adv_examples not in self.ADV_EXAMPLES:
+            raise ValueError(f"SNS: adv_examples={adv_examples!r} is unknown; expected one of {', '.join(self.ADV_EXAMPLES)}")
+        if not clean_weight >= 0:
+            raise ValueError(f"SNS: clean_weight={clean_weight!r} must be >= 0")
+        self.regularizer = SNSRegularizer(model, layers, k, lam, metric, select_metric, refresh, detach_benign)
+        self.clean_weight, self.adv_examples = float(clean_weight), adv_examples
+
+    def __call__(self, model, x, y, attack):
+        reg = self.regularizer
+        x_adv = attack(x, y)
+        if reg.lam == 0 and self.clean_weight == 0 and self.adv_examples == "all":
+            logits_adv = model(x_adv)
+            return F.cross_entropy(logits_adv, y), {"adv_acc": accuracy(logits_adv, y)}
+        with reg.capture():
+            # A detached benign side needs no graph unless the clean cross-entropy uses it.
+            with torch.set_grad_enabled(not (reg.detach_benign and self.clean_weight == 0)):
+                logits = model(x)
+            logits_adv = model(x_adv)
+        ce_each = F.cross_entropy(logits_adv, y, reduction="none")
+        if self.adv_examples == "correct":
+            ce_each = ce_each * (logits.argmax(1) == y).to(ce_each.dtype)
+        ce = ce_each.mean()
+        sns = reg.loss()
+        loss = ce + sns
+        logs = {"acc": accuracy(logits, y), "adv_acc": accuracy(logits_adv, y), "ce": ce.detach(), "sns": sns.detach()}
+        if self.clean_weight:
+            clean_ce = F.cross_entropy(logits, y)
+            loss = loss + self.clean_weight * clean_ce
+            logs["clean_ce"] = clean_ce.detach()
+        return loss, logs
+
+    def state_dict(self):
+        return self.regularizer.state_dict()
+
+    def load_state_dict(self, state):
+        self.regularizer.load_state_dict(state)
+
+
+#: Method name -> factory(**options) -> loss_fn(model, x, y, attack) -> (loss, logs).
+METHODS = {
+    "standard": lambda **options: standard_loss,
+    "pgd_at": lambda **options: pgd_at_loss,
+    "trades": lambda beta=6.0, **options: trades_loss(beta),
+    "sns": lambda model, sns=None, **options: SNSLoss(model, **(sns or {})),
+}
+
+
+def make_loss(method, **options):
+    """The loss function of a training method (see :data:`METHODS`)."""
+    if method not in METHODS:
+        raise ValueError(f"method={method!r} is unknown; expected one of {', '.join(METHODS)}")
+    return METHODS[method](**options)

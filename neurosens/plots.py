@@ -1,0 +1,175 @@
+"""Sensitivity and intervention figures as PNGs.
+
+Plots draw on matplotlib ``Figure`` objects with the Agg canvas, so they never touch pyplot's
+global backend or open a window.
+"""
+import math
+import os
+
+import torch
+
+from .report import as_reports, ensure_parent, union_layers
+
+
+def _figure(width, height):
+    from matplotlib.figure import Figure
+
+    return Figure(figsize=(width, height), dpi=110, layout="constrained")
+
+
+def _save(fig, path):
+    if path is not None:
+        ensure_parent(path)
+        fig.savefig(path)
+    return fig
+
+
+def _metric_label(reports):
+    metric = reports[0].meta.get("metric", "l1")
+    relative = " (relative)" if reports[0].meta.get("relative") else ""
+    return f"sensitivity, {metric}{relative}"
+
+
+def plot_layer_means(reports, labels=None, path=None, log=None, title="Mean neuron sensitivity per layer"):
+    """Per-layer mean sensitivity, one line per model, layers in network order. Returns the Figure.
+
+    ``log=None`` picks a log axis when the values span more than 20x, so that robust models do not
+    flatten against a standard one."""
+    reports, labels = as_reports(reports, labels)
+    layers = union_layers(reports)
+    if log is None:
+        values = [v for r in reports for v in r.layer_means().values() if v > 0]
+        log = bool(values) and max(values) > 20 * min(values)
+    fig = _figure(max(6.0, 0.32 * len(layers) + 2.5), 4.2)
+    ax = fig.subplots()
+    for label, report in zip(labels, reports):
+        means = report.layer_means()
+        ax.plot(range(len(layers)), [means.get(name, math.nan) for name in layers], marker="o", ms=4, label=label)
+    ax.set_xticks(range(len(layers)), layers, rotation=60, ha="right", fontsize=8)
+    ax.set_ylabel(_metric_label(reports))
+    ax.set_xlabel("layer")
+    if log:
+        ax.set_yscale("log")
+    ax.grid(alpha=0.3)
+    ax.set_title(title)
+    if len(reports) > 1:
+        ax.legend()
+    return _save(fig, path)
+
+
+def _pick_layers(reports, layers, most=12):
+    """The requested layers, or up to ``most`` spread evenly through the network."""
+    available = union_layers(reports)
+    if layers is None:
+        if len(available) <= most:
+            return available
+        step = (len(available) - 1) / (most - 1)
+        return [available[round(i * step)] for i in range(most)]
+    missing = [name for name in layers if name not in available]
+    if missing:
+        raise KeyError(f"no layer {', '.join(map(repr, missing))} in the reports; they have {', '.join(available)}")
+    return list(layers)
+
+
+def plot_histograms(reports, labels=None, layers=None, path=None, bins=30):
+    """Per-layer histograms of neuron sensitivity (one panel per layer, models overlaid)."""
+    reports, labels = as_reports(reports, labels)
+    layers = _pick_layers(reports, layers)
+    cols = min(4, len(layers))
+    rows = math.ceil(len(layers) / cols)
+    fig = _figure(3.0 * cols + 0.5, 2.4 * rows + 0.6)
+    axes = fig.subplots(rows, cols, squeeze=False).ravel()
+    for ax, layer in zip(axes, layers):
+        present = [(label, r[layer]) for label, r in zip(labels, reports) if layer in r]
+        lo = min(v.min().item() for _, v in present)
+        hi = max(v.max().item() for _, v in present)
+        edges = torch.linspace(lo, hi if hi > lo else lo + 1e-12, bins + 1).tolist()
+        for label, v in present:
+            ax.hist(v.numpy(), bins=edges, alpha=0.6 if len(present) > 1 else 0.9, label=label)
+        ax.set_title(f"{layer} ({present[0][1].numel()} neurons)", fontsize=9)
+        ax.tick_params(labelsize=7)
+        ax.locator_params(axis="x", nbins=4)
+    for ax in axes[len(layers):]:
+        ax.set_visible(False)
+    fig.supxlabel(_metric_label(reports), fontsize=9)
+    fig.supylabel("neurons", fontsize=9)
+    if len(reports) > 1:
+        axes[0].legend(fontsize=7)
+    return _save(fig, path)
+
+
+def plot_sorted(reports, labels=None, layers=None, path=None, log=True):
+    """Sorted sensitivity curves: each layer's neurons from most to least sensitive, against their
+    rank as a fraction of the layer, so layers of any width share the axis; one panel per model."""
+    from matplotlib import colormaps
+    from matplotlib.cm import ScalarMappable
+    from matplotlib.colors import Normalize
+
+    reports, labels = as_reports(reports, labels)
+    layers = _pick_layers(reports, layers, most=len(union_layers(reports)))
+    fig = _figure(4.6 * len(reports) + 1.2, 4.0)
+    axes = fig.subplots(1, len(reports), squeeze=False, sharey=True).ravel()
+    cmap = colormaps["viridis"]
+    for ax, label, report in zip(axes, labels, reports):
+        for i, layer in enumerate(layers):
+            if layer not in report:
+                continue
+            v = torch.sort(report[layer], descending=True).values
+            x = (torch.arange(v.numel(), dtype=torch.float64) + 0.5) / v.numel()
+            ax.plot(x.numpy(), v.numpy(), color=cmap(i / max(1, len(layers) - 1)), lw=1.2, label=layer)
+        ax.set_title(label)
+        ax.set_xlabel("neuron rank (fraction of layer)")
+        ax.grid(alpha=0.3)
+        if log:
+            ax.set_yscale("log")
+    axes[0].set_ylabel(_metric_label(reports))
+    if len(layers) <= 12:
+        axes[-1].legend(fontsize=7)
+    else:
+        bar = fig.colorbar(ScalarMappable(Normalize(0, len(layers) - 1), cmap), ax=axes.tolist(), pad=0.01)
+        bar.set_label("layer depth (first to last)")
+    return _save(fig, path)
+
+
+def save_plots(reports, out_dir, labels=None, prefix=""):
+    """All three plots as PNGs in ``out_dir``; returns their paths."""
+    paths = {
+        "layer_means": os.path.join(out_dir, f"{prefix}layer_means.png"),
+        "histograms": os.path.join(out_dir, f"{prefix}histograms.png"),
+        "sorted": os.path.join(out_dir, f"{prefix}sorted.png"),
+    }
+    plot_layer_means(reports, labels, path=paths["layer_means"])
+    plot_histograms(reports, labels, path=paths["histograms"])
+    plot_sorted(reports, labels, path=paths["sorted"])
+    return paths
+
+
+def plot_intervention_curves(curves, path=None, title=None):
+    """Accuracy against the number of edited neurons: one panel per mode of ``curves`` (``{mode:
+    {selection: intervention_curve result}}``), one line per selection."""
+    modes = list(curves)
+    fig = _figure(5.2 * len(modes), 4.0)
+    styles = {"top": ("tab:red", "most sensitive"), "random": ("tab:gray", "random"), "bottom": ("tab:blue", "least sensitive")}
+    for i, mode in enumerate(modes):
+        ax = fig.add_subplot(1, len(modes), i + 1)
+        for selection, curve in curves[mode].items():
+            color, name = styles[selection]
+            ax.plot(curve["k"], curve["adversarial"], "-o", color=color, label=f"{name}: adversarial")
+            if mode == "zero":
+                ax.plot(curve["k"], curve["benign"], "--", color=color, alpha=0.7, label=f"{name}: benign")
+            if selection == "random":
+                low = [m - s for m, s in zip(curve["adversarial"], curve["adversarial_std"])]
+                high = [m + s for m, s in zip(curve["adversarial"], curve["adversarial_std"])]
+                ax.fill_between(curve["k"], low, high, color=color, alpha=0.2)
+        any_curve = next(iter(curves[mode].values()))
+        base_benign, base_adv = any_curve["baseline"]
+        ax.axhline(base_adv, color="black", lw=0.8, ls=":", label="no intervention: adversarial")
+        if mode == "zero":
+            ax.axhline(base_benign, color="black", lw=0.8, ls="-.", label="no intervention: benign")
+        ax.set_xlabel(f"neurons {'repaired' if mode == 'repair' else 'zeroed'} in {any_curve['layer']}")
+        ax.set_ylabel("accuracy")
+        ax.set_ylim(0, 1.02)
+        ax.set_title(f"{mode}" + (f" ({title})" if title else ""))
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    return _save(fig, path)
