@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from .attacks import PGD
 from .capture import eval_mode
 from .evaluation import accuracy
-from .sns import SNSRegularizer
+from .sns import SNSConfig, SNSRegularizer
 
 
 def standard_loss(model, x, y, attack):
@@ -63,19 +63,14 @@ class SNSLoss:
 
     ``adv_examples="correct"`` keeps in the adversarial cross-entropy only the examples the model
     classifies right on the benign input. With ``lam=0``, ``clean_weight=0`` and all examples no
-    benign forward is needed, and a step is exactly a PGD-AT step.
+    benign forward is needed, and a step is exactly a PGD-AT step. The options are an
+    :class:`~neurosens.sns.SNSConfig`, or its fields as keywords.
     """
 
-    ADV_EXAMPLES = ("all", "correct")
-
-    def __init__(self, model, layers="auto", k=0.3, lam=1.0, metric="l1", select_metric="l1", clean_weight=0.0,
-                 adv_examples="all", refresh=1, detach_benign=False):
-        if adv_examples not in self.ADV_EXAMPLES:
-            raise ValueError(f"SNS: adv_examples={adv_examples!r} is unknown; expected one of {', '.join(self.ADV_EXAMPLES)}")
-        if not clean_weight >= 0:
-            raise ValueError(f"SNS: clean_weight={clean_weight!r} must be >= 0")
-        self.regularizer = SNSRegularizer(model, layers, k, lam, metric, select_metric, refresh, detach_benign)
-        self.clean_weight, self.adv_examples = float(clean_weight), adv_examples
+    def __init__(self, model, config=None, **options):
+        config = (config if config is not None else SNSConfig(**options)).check()
+        self.regularizer = SNSRegularizer(model, **config.options("regularizer"))
+        self.clean_weight, self.adv_examples = float(config.clean_weight), config.adv_examples
 
     def __call__(self, model, x, y, attack):
         reg = self.regularizer
@@ -113,7 +108,7 @@ METHODS = {
     "standard": lambda **options: standard_loss,
     "pgd_at": lambda **options: pgd_at_loss,
     "trades": lambda beta=6.0, **options: trades_loss(beta),
-    "sns": lambda model, sns=None, **options: SNSLoss(model, **(sns or {})),
+    "sns": lambda model, sns=None, **options: SNSLoss(model, sns),
 }
 
 

@@ -15,6 +15,7 @@ op gives the stabilizing term and its gradient::
 Under ``torch.distributed`` the per-neuron statistics are summed over ranks before the top-k, so
 every rank stabilizes the same neurons.
 """
+import dataclasses
 import math
 
 import torch
@@ -22,8 +23,74 @@ import torch.distributed as dist
 
 from .capture import LayerHooks, check_channel_dim, select_layers, unwrap
 from .checks import check_metric
+from .reference import METRICS
 from .ops import neuron_distance, stabilize
 from .selection import resolve_k, topk
+
+
+#: Which examples enter SNS training's adversarial cross-entropy: all, or those right on the benign input.
+ADV_EXAMPLES = ("all", "correct")
+
+
+def _option(default, help, cli_type=None, choices=None, part="regularizer"):
+    """A field of :class:`SNSConfig` with what the ``--sns-*`` command-line flag needs."""
+    return dataclasses.field(default=default, metadata={"help": help, "type": cli_type, "choices": choices, "part": part})
+
+
+def _count_or_fraction(text):
+    """k as a neuron count ("8") or a fraction of each layer ("0.1")."""
+    try:
+        return int(text)
+    except ValueError:
+        return float(text)
+
+
+def _batches_or_epoch(text):
+    return text if text == "epoch" else int(text)
+
+
+@dataclasses.dataclass
+class SNSConfig:
+    """The options of SNS, in one place: :class:`SNSRegularizer` and
+    :class:`~neurosens.methods.SNSLoss` take them, :class:`~neurosens.training.TrainConfig` holds
+    them as ``sns_<name>`` and the train command as ``--sns-<name>``. ``clean_weight`` and
+    ``adv_examples`` belong to the loss, the others to the regularizer; ``refresh="epoch"`` is
+    for training runs, which turn it into their batches per epoch."""
+
+    layers: object = _option("auto", "comma-separated layer names or patterns to stabilize, or auto: every conv/linear")
+    k: object = _option(0.3, "neurons per layer: a count (8) or a fraction (0.1)", _count_or_fraction)
+    lam: float = _option(1.0, "weight of the stabilizing term", float)
+    metric: str = _option("l1", "stabilizing distance", choices=METRICS)
+    select_metric: str = _option("l1", "sensitivity that ranks the neurons", choices=METRICS)
+    refresh: object = _option(1, "re-select the neurons every N batches, or every epoch", _batches_or_epoch)
+    detach_benign: bool = _option(False, "pull only the adversarial outputs", bool)
+    clean_weight: float = _option(0.0, "weight of the clean cross-entropy", float, part="loss")
+    adv_examples: str = _option("all", "examples in the adversarial cross-entropy: all, or those right on the benign input",
+                                choices=ADV_EXAMPLES, part="loss")
+
+    def check(self, where="SNS", prefix="", per_epoch=False):
+        """Raise for the first bad option, naming it ``<prefix><name>``; ``refresh="epoch"`` is
+        accepted with ``per_epoch``."""
+        check_metric(self.metric, where, prefix + "metric")
+        check_metric(self.select_metric, where, prefix + "select_metric")
+        lam = self.lam
+        if not isinstance(lam, (int, float)) or isinstance(lam, bool) or not math.isfinite(lam) or lam < 0:
+            raise ValueError(f"{where}: {prefix}lam={lam!r} must be a finite number >= 0")
+        refresh = self.refresh
+        if not (per_epoch and refresh == "epoch") and (isinstance(refresh, bool) or not isinstance(refresh, int) or refresh < 1):
+            also = " or 'epoch'" if per_epoch else ""
+            raise ValueError(f"{where}: {prefix}refresh={refresh!r} must be an int >= 1 (re-select every that many batches){also}")
+        for value in (self.k.values() if isinstance(self.k, dict) else [self.k]):
+            resolve_k(value, None, where, prefix + "k")
+        if not self.clean_weight >= 0:
+            raise ValueError(f"{where}: {prefix}clean_weight={self.clean_weight!r} must be >= 0")
+        if self.adv_examples not in ADV_EXAMPLES:
+            raise ValueError(f"{where}: {prefix}adv_examples={self.adv_examples!r} is unknown; expected one of {', '.join(ADV_EXAMPLES)}")
+        return self
+
+    def options(self, part):
+        """The options of one ``part`` ("regularizer" or "loss") as keyword arguments."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.metadata["part"] == part}
 
 
 def _declared_neurons(module, channel_dim):
@@ -47,15 +114,11 @@ class SNSRegularizer:
     points against the term's true gradient (docs/results.md, ablations).
     """
 
-    def __init__(self, model, layers="auto", k=0.3, lam=1.0, metric="l1", select_metric="l1", refresh=1,
-                 detach_benign=False, channel_dim=1, auto="conv_linear", output_index=None):
+    def __init__(self, model, layers=SNSConfig.layers, k=SNSConfig.k, lam=SNSConfig.lam, metric=SNSConfig.metric,
+                 select_metric=SNSConfig.select_metric, refresh=SNSConfig.refresh, detach_benign=SNSConfig.detach_benign,
+                 channel_dim=1, auto="conv_linear", output_index=None):
         self.modules = select_layers(unwrap(model), layers, auto)
-        check_metric(metric, "SNS")
-        check_metric(select_metric, "SNS", arg="select_metric")
-        if not isinstance(lam, (int, float)) or isinstance(lam, bool) or not math.isfinite(lam) or lam < 0:
-            raise ValueError(f"SNS: lam={lam!r} must be a finite number >= 0")
-        if isinstance(refresh, bool) or not isinstance(refresh, int) or refresh < 1:
-            raise ValueError(f"SNS: refresh={refresh!r} must be an int >= 1 (re-select every that many batches)")
+        SNSConfig(layers, k, lam, metric, select_metric, refresh, detach_benign).check()
         ks = k if isinstance(k, dict) else {name: k for name in self.modules}
         unknown = sorted(set(ks) - set(self.modules))
         if unknown:

@@ -28,8 +28,10 @@ from tqdm.auto import tqdm
 from .attacks import PGD
 from .checkpoint import atomic_save, load_checkpoint, rng_state, set_rng_state
 from .data import make_loader
+from .env import default_device
 from .evaluation import evaluate
 from .methods import METHODS, make_loss
+from .sns import SNSConfig
 
 CHECKPOINT = "checkpoint.pt"
 FINAL = "model.pt"
@@ -42,8 +44,9 @@ class TrainConfig:
     ``steps`` set the training PGD (``alpha`` defaults to 2.5 * eps / steps); ``eps_warmup`` ramps
     eps linearly from 0 over that many epochs; ``milestones`` (fractions of the run) and ``gamma``
     shape the step schedule; ``eval_*`` set the per-epoch PGD evaluation on the first ``eval_limit``
-    test images. ``sns_*`` are the options of :class:`SNSLoss` (``sns_layers``: a list of names or
-    patterns, or "auto"; ``sns_refresh``: batches between selections, or "epoch")."""
+    test images. ``sns_<name>`` is the option ``<name>`` of :class:`~neurosens.sns.SNSConfig`
+    (``sns_layers``: a list of names or patterns, or "auto"; ``sns_refresh``: batches between
+    selections, or "epoch")."""
 
     method: str = "standard"
     epochs: int = 10
@@ -61,15 +64,15 @@ class TrainConfig:
     norm: str = "linf"
     eps_warmup: float = 0.0
     beta: float = 6.0
-    sns_layers: object = "auto"
-    sns_k: float = 0.3
-    sns_lam: float = 1.0
-    sns_metric: str = "l1"
-    sns_select_metric: str = "l1"
-    sns_clean_weight: float = 0.0
-    sns_adv_examples: str = "all"
-    sns_refresh: object = 1
-    sns_detach_benign: bool = False
+    sns_layers: object = SNSConfig.layers
+    sns_k: float = SNSConfig.k
+    sns_lam: float = SNSConfig.lam
+    sns_metric: str = SNSConfig.metric
+    sns_select_metric: str = SNSConfig.select_metric
+    sns_clean_weight: float = SNSConfig.clean_weight
+    sns_adv_examples: str = SNSConfig.adv_examples
+    sns_refresh: object = SNSConfig.refresh
+    sns_detach_benign: bool = SNSConfig.detach_benign
     eval_steps: int = 20
     eval_alpha: float = None
     eval_limit: int = 1000
@@ -99,16 +102,15 @@ class TrainConfig:
         self.milestones = tuple(float(m) for m in self.milestones)
         if isinstance(self.sns_layers, tuple):
             self.sns_layers = list(self.sns_layers)
-        if self.sns_refresh != "epoch" and (isinstance(self.sns_refresh, bool) or not isinstance(self.sns_refresh, int)
-                                            or self.sns_refresh < 1):
-            raise ValueError(f"sns_refresh={self.sns_refresh!r}: must be an int >= 1 (batches) or 'epoch'")
+        self.sns_config().check("TrainConfig", prefix="sns_", per_epoch=True)
 
-    def sns_options(self, steps_per_epoch):
-        """Keyword arguments of :class:`SNSLoss`."""
-        refresh = steps_per_epoch if self.sns_refresh == "epoch" else self.sns_refresh
-        return {"layers": self.sns_layers, "k": self.sns_k, "lam": self.sns_lam, "metric": self.sns_metric,
-                "select_metric": self.sns_select_metric, "clean_weight": self.sns_clean_weight,
-                "adv_examples": self.sns_adv_examples, "refresh": refresh, "detach_benign": self.sns_detach_benign}
+    def sns_config(self, steps_per_epoch=None):
+        """The ``sns_*`` fields as an :class:`~neurosens.sns.SNSConfig`; ``refresh="epoch"`` becomes
+        ``steps_per_epoch`` when that is given."""
+        options = {f.name: getattr(self, f"sns_{f.name}") for f in dataclasses.fields(SNSConfig)}
+        if options["refresh"] == "epoch" and steps_per_epoch is not None:
+            options["refresh"] = steps_per_epoch
+        return SNSConfig(**options)
 
     def to_dict(self):
         return {f.name: list(v) if isinstance(v := getattr(self, f.name), tuple) else v for f in dataclasses.fields(self)}
@@ -154,10 +156,7 @@ class Trainer:
         self.rank, self.world = (dist.get_rank(), dist.get_world_size()) if self.distributed else (0, 1)
         if cfg.batch_size % self.world:
             raise ValueError(f"batch_size={cfg.batch_size} must be divisible by the {self.world} processes")
-        if device is None:
-            cuda = torch.cuda.is_available()
-            device = torch.device(f"cuda:{torch.cuda.current_device()}" if cuda else "cpu")
-        self.device = torch.device(device)
+        self.device = default_device(device)
         self.amp = cfg.amp and self.device.type == "cuda"
         if cfg.amp and not self.amp:
             warnings.warn("amp=True needs a CUDA device; training in float32")
@@ -172,7 +171,7 @@ class Trainer:
         self.steps_per_epoch = math.ceil(math.ceil(len(train_set) / self.world) / (cfg.batch_size // self.world))
         # Built before any training, so bad method options (an unknown layer, k too large) fail first.
         self.loss_fn = loss_fn or make_loss(cfg.method, beta=cfg.beta, model=self.model,
-                                            sns=cfg.sns_options(self.steps_per_epoch))
+                                            sns=cfg.sns_config(self.steps_per_epoch))
         self.attack = PGD(self.model, cfg.eps, cfg.alpha, cfg.steps, cfg.norm)
         self._alpha = self.attack.alpha
         self.eval_attack = PGD(self.model, cfg.eps, cfg.eval_alpha, cfg.eval_steps, cfg.norm)

@@ -1,17 +1,6 @@
 """`neurosens train`: train a model with the standard, PGD-AT, TRADES or SNS method."""
+import dataclasses
 import json
-
-
-def _count_or_fraction(text):
-    """k as a neuron count ("8") or a fraction of each layer ("0.1")."""
-    try:
-        return int(text)
-    except ValueError:
-        return float(text)
-
-
-def _refresh(text):
-    return text if text == "epoch" else int(text)
 
 HELP = "Train a model (standard, PGD-AT, TRADES or SNS) with per-epoch clean/PGD evaluation and resumable checkpoints."
 
@@ -19,7 +8,9 @@ HELP = "Train a model (standard, PGD-AT, TRADES or SNS) with per-epoch clean/PGD
 def add_arguments(parser):
     from ..data import DATASETS
     from ..models import MODELS
-    from ..training import METHODS, TrainConfig
+    from ..methods import METHODS
+    from ..sns import SNSConfig
+    from ..training import TrainConfig
 
     d = TrainConfig()
     parser.add_argument("--arch", default="small-cnn", choices=sorted(MODELS), help="architecture (default: small-cnn)")
@@ -36,22 +27,13 @@ def add_arguments(parser):
     parser.add_argument("--eps-warmup", type=float, default=d.eps_warmup, help="epochs over which eps ramps up from 0 (default: 0)")
     parser.add_argument("--beta", type=float, default=d.beta, help=f"TRADES weight (default: {d.beta})")
     sns = parser.add_argument_group("SNS (--method sns)")
-    sns.add_argument("--sns-layers", default="auto",
-                     help="comma-separated layer names or patterns to stabilize, or auto: every conv/linear (default: auto)")
-    sns.add_argument("--sns-k", type=_count_or_fraction, default=d.sns_k,
-                     help=f"neurons per layer: a count (8) or a fraction (0.1) (default: {d.sns_k})")
-    sns.add_argument("--sns-lam", type=float, default=d.sns_lam, help=f"weight of the stabilizing term (default: {d.sns_lam})")
-    sns.add_argument("--sns-metric", default=d.sns_metric, choices=["cosine", "l1", "l2"],
-                     help=f"stabilizing distance (default: {d.sns_metric})")
-    sns.add_argument("--sns-select-metric", default=d.sns_select_metric, choices=["cosine", "l1", "l2"],
-                     help=f"sensitivity that ranks the neurons (default: {d.sns_select_metric})")
-    sns.add_argument("--sns-clean-weight", type=float, default=d.sns_clean_weight,
-                     help=f"weight of the clean cross-entropy (default: {d.sns_clean_weight})")
-    sns.add_argument("--sns-adv-examples", default=d.sns_adv_examples, choices=["all", "correct"],
-                     help="examples in the adversarial cross-entropy: all, or those right on the benign input (default: all)")
-    sns.add_argument("--sns-refresh", type=_refresh, default=d.sns_refresh,
-                     help="re-select the neurons every N batches, or every epoch (default: 1)")
-    sns.add_argument("--sns-detach-benign", action="store_true", help="pull only the adversarial outputs")
+    for field in dataclasses.fields(SNSConfig):
+        flag, meta = "--sns-" + field.name.replace("_", "-"), field.metadata
+        if meta["type"] is bool:
+            sns.add_argument(flag, action="store_true", help=meta["help"])
+        else:
+            sns.add_argument(flag, type=meta["type"], choices=meta["choices"], default=field.default,
+                             help=f"{meta['help']} (default: {field.default})")
     parser.add_argument("--epochs", type=int, default=d.epochs, help=f"epochs (default: {d.epochs})")
     parser.add_argument("--batch-size", type=int, default=d.batch_size, help=f"global batch size (default: {d.batch_size})")
     parser.add_argument("--optimizer", default=d.optimizer, choices=TrainConfig.OPTIMIZERS, help=f"(default: {d.optimizer})")
@@ -86,15 +68,10 @@ def run(args):
     if args.threads:
         torch.set_num_threads(args.threads)
     rank, _ = init_distributed()
-    config = TrainConfig(
-        method=args.method, epochs=args.epochs, batch_size=args.batch_size, optimizer=args.optimizer, lr=args.lr,
-        momentum=args.momentum, weight_decay=args.weight_decay, schedule=args.schedule, milestones=tuple(args.milestones),
-        gamma=args.gamma, eps=args.eps, alpha=args.alpha, steps=args.steps, norm=args.norm, eps_warmup=args.eps_warmup,
-        beta=args.beta, sns_layers=args.sns_layers if args.sns_layers == "auto" else args.sns_layers.split(","),
-        sns_k=args.sns_k, sns_lam=args.sns_lam, sns_metric=args.sns_metric, sns_select_metric=args.sns_select_metric,
-        sns_clean_weight=args.sns_clean_weight, sns_adv_examples=args.sns_adv_examples, sns_refresh=args.sns_refresh,
-        sns_detach_benign=args.sns_detach_benign, eval_steps=args.eval_steps, eval_alpha=args.eval_alpha, eval_limit=args.eval_limit, amp=args.amp,
-        channels_last=args.channels_last, seed=args.seed, num_workers=args.workers, progress=not args.no_progress)
+    # Every option of a run is the flag of the same name, except these spellings of the command line.
+    given = vars(args) | {"milestones": tuple(args.milestones), "num_workers": args.workers, "progress": not args.no_progress,
+                          "sns_layers": args.sns_layers if args.sns_layers == "auto" else args.sns_layers.split(",")}
+    config = TrainConfig(**{f.name: given[f.name] for f in dataclasses.fields(TrainConfig) if f.name in given})
     train_set = datasets.load(args.data, train=True, root=args.root)
     test_set = datasets.load(args.data, train=False, root=args.root)
     if args.train_limit:
