@@ -52,6 +52,14 @@ def load_checkpoint(path, device="cpu"):
     return state
 
 
+def trained_on(state, source, data=None):
+    """``data`` if given, else the data set the run of checkpoint ``state`` (from ``source``) recorded."""
+    name = data or (state.get("meta") or {}).get("data")
+    if not name:
+        raise ValueError(f"{source}: the checkpoint does not record its data set; give --data")
+    return name
+
+
 def model_from_state(state, source, device="cpu", arch=None, dataset=None):
     """The model of a checkpoint ``state`` (from :func:`load_checkpoint` of ``source``), in eval mode.
 

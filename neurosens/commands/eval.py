@@ -33,7 +33,7 @@ def run(args):
 
     from .. import data as datasets
     from ..attacks import make_attack
-    from ..checkpoint import load_checkpoint, model_from_state
+    from ..checkpoint import load_checkpoint, model_from_state, trained_on
     from ..env import default_device
     from ..evaluation import evaluate
 
@@ -47,9 +47,10 @@ def run(args):
     state = load_checkpoint(args.checkpoint)
     model = model_from_state(state, args.checkpoint, device)
     meta = state.get("meta") or {}
-    data_name = args.data or meta.get("data")
-    if not data_name:
-        raise SystemExit("--data: the checkpoint does not say which data set it was trained on; pass --data")
+    try:
+        data_name = trained_on(state, args.checkpoint, args.data)
+    except ValueError as err:
+        raise SystemExit(f"neurosens eval: {err}") from None
     test_set = datasets.load(data_name, train=False, root=args.root)
     if args.num:
         test_set = torch.utils.data.Subset(test_set, range(min(args.num, len(test_set))))

@@ -29,7 +29,7 @@ def run(args):
 
     from .. import data as datasets
     from ..study import run_study
-    from ..checkpoint import load_checkpoint, load_model
+    from ..checkpoint import load_checkpoint, load_model, trained_on
     from ..env import default_device
 
     labels = args.labels or [os.path.basename(os.path.dirname(os.path.abspath(p))) for p in args.models]
@@ -42,9 +42,10 @@ def run(args):
     if args.threads:
         torch.set_num_threads(args.threads)
     device = default_device(args.device)
-    data_name = args.data or (load_checkpoint(args.models[0]).get("meta") or {}).get("data")
-    if not data_name:
-        raise SystemExit("--data: the checkpoint does not say which data set it was trained on; pass --data")
+    try:
+        data_name = trained_on(load_checkpoint(args.models[0]), args.models[0], args.data)
+    except ValueError as err:
+        raise SystemExit(f"neurosens report: {err}") from None
     models = {label: load_model(path, device) for label, path in zip(labels, args.models)}
     test_set = datasets.load(data_name, train=False, root=args.root)
     if args.num:

@@ -83,7 +83,7 @@ def run(args):
 
     from .. import data
     from ..attacks import make_attack
-    from ..checkpoint import load_checkpoint, model_from_state
+    from ..checkpoint import load_checkpoint, model_from_state, trained_on
     from ..env import default_device
     from ..plots import save_plots
     from ..report import SensitivityReport, compare
@@ -97,9 +97,7 @@ def run(args):
     try:
         others = [SensitivityReport.from_json(path) for path in args.compare]
         state = load_checkpoint(args.model)
-        data_name = args.data or (state.get("meta") or {}).get("data")
-        if data_name is None:
-            raise ValueError(f"{args.model}: the checkpoint does not record its data set; give --data")
+        data_name = trained_on(state, args.model, args.data)
         eps = args.eps if args.eps is not None else (state.get("config") or {}).get("eps")
         if eps is None:
             raise ValueError(f"{args.model}: the checkpoint does not record a training eps; give --eps")
