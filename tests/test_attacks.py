@@ -11,13 +11,7 @@ from neurosens.attacks import CW, FGSM, PGD, AutoAttack, margin_loss, project
 from neurosens.models import build_model
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models run fastest on one thread, and a busy machine makes more threads far slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 HAS_TORCHATTACKS = importlib.util.find_spec("torchattacks") is not None
@@ -58,6 +52,7 @@ ALL = [
 ]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("make", ALL)
 @pytest.mark.parametrize("eps", [0.03, 0.3, 2.0])
 def test_outputs_stay_in_the_box_and_the_ball(digits, make, eps):
@@ -73,6 +68,7 @@ def test_outputs_stay_in_the_box_and_the_ball(digits, make, eps):
     assert size.max() > 0.5 * min(eps, 0.5), f"{atk} barely moved the input"
 
 
+@pytest.mark.slow
 def test_pgd_beats_fgsm_and_noise(digits):
     model, x, y = digits
     eps = 0.2
@@ -88,6 +84,7 @@ def test_pgd_beats_fgsm_and_noise(digits):
     assert fgsm > pgd + 0.10 and pgd < fgsm / 4, f"FGSM {fgsm:.3f} vs PGD {pgd:.3f}"
 
 
+@pytest.mark.slow
 def test_more_steps_and_restarts_never_help_the_model(digits):
     model, x, y = digits
     eps = 0.1
@@ -101,6 +98,7 @@ def test_more_steps_and_restarts_never_help_the_model(digits):
     assert (fooled_three | ~fooled_one).all() and fooled_three.sum() >= fooled_one.sum()
 
 
+@pytest.mark.slow
 def test_targeted_pgd_reaches_the_target(digits):
     model, x, y = digits
     target = (y + 3) % 10
@@ -160,6 +158,7 @@ def test_attacks_leave_mode_grads_and_buffers_alone(make):
     assert all(torch.equal(v, buffers[k]) for k, v in model.state_dict().items())
 
 
+@pytest.mark.slow
 def test_eps_zero_returns_the_input(digits):
     model, x, y = digits
     assert torch.equal(PGD(model, 0.0)(x[:4], y[:4]), x[:4])
@@ -181,6 +180,7 @@ def test_bad_options_raise_clear_errors(kwargs, message):
         PGD(nn.Linear(4, 2), **kwargs)
 
 
+@pytest.mark.slow
 def test_bad_calls_raise_clear_errors(digits):
     model, x, y = digits
     with pytest.raises(ValueError, match=r"got x \(4, 1, 8, 8\) and y \(3,\)"):
@@ -197,6 +197,7 @@ def test_autoattack_without_torchattacks_says_how_to_install(monkeypatch):
         AutoAttack(nn.Linear(4, 2), 0.1)
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not HAS_TORCHATTACKS, reason="needs the optional torchattacks package")
 def test_pgd_agrees_with_torchattacks(digits):
     import torchattacks
@@ -212,6 +213,7 @@ def test_pgd_agrees_with_torchattacks(digits):
     assert abs(ours - theirs) <= 0.015, f"robust accuracy: ours {ours:.4f}, torchattacks {theirs:.4f}"
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not HAS_TORCHATTACKS, reason="needs the optional torchattacks package")
 def test_autoattack_is_at_least_as_strong_as_pgd(digits):
     model, x, y = digits

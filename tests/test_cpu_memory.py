@@ -20,6 +20,7 @@ def faults(mode):
     return bool(int(out[0])), int(out[1])
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc malloc tuning")
 def test_freed_memory_is_reused():
     tuned_applied, tuned = faults("tuned")

@@ -5,13 +5,7 @@ from torch import nn
 from neurosens.models import MODELS, Normalize, WideResNet, build_model
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models run fastest on one thread, and a busy machine makes more threads far slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 MNIST_ARCHS = {"small-cnn", "lenet5"}

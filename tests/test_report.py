@@ -120,6 +120,7 @@ def _png(path):
     return data
 
 
+@pytest.mark.slow
 def test_plots_write_pngs(tmp_path):
     base, robust = make_report(), make_report(scale=0.5, seed=1)
     fig = plot_layer_means([base, robust], ["standard", "robust"], path=tmp_path / "means.png", log=True)

@@ -328,6 +328,7 @@ def _ddp_worker(rank, world, init_file, x, x_adv, y, out):
         dist.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_distributed_sums_are_all_reduced(tmp_path):
     x, x_adv, y = make_data(33)
     mp.spawn(_ddp_worker, args=(2, str(tmp_path / "init"), x, x_adv, y, str(tmp_path)), nprocs=2, join=True)

@@ -82,6 +82,7 @@ def test_one_concatenated_forward_equals_two_forwards():
     torch.testing.assert_close(one, two)
 
 
+@pytest.mark.slow
 def test_selection_is_deterministic_and_refreshed_on_schedule():
     def selections(seed, refresh):
         torch.manual_seed(seed)

@@ -6,29 +6,13 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 
-from neurosens import data, reference
+from neurosens import reference
 from neurosens.methods import SNSLoss
-from neurosens.models import build_model
 from neurosens.training import Trainer, TrainConfig
 
-SPEC = {"name": "small-cnn", "num_classes": 10, "in_channels": 1, "input_size": 8, "width": 8, "hidden": 32}
+from conftest import digits8, fresh_model
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def digits8(limit):
-    return data.digits(True, size=8).subset(limit), data.digits(False, size=8)
-
-
-def fresh_model(seed=0, dtype=torch.float32):
-    torch.manual_seed(seed)
-    return build_model(**SPEC).to(dtype)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def config(**overrides):
@@ -152,6 +136,7 @@ def _ddp_worker(rank, world, out):
         dist.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_ddp_ranks_select_the_same_neurons_and_stay_identical(tmp_path):
     mp.spawn(_ddp_worker, args=(2, str(tmp_path)), nprocs=2, join=True)
     r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))

@@ -26,6 +26,7 @@ def study(tmp_path_factory):
     return models, x, y, out, summary
 
 
+@pytest.mark.slow
 def test_clean_accuracy_and_layer_means_match_direct_computation(study):
     models, x, y, _, summary = study
     for label, model in models.items():
@@ -38,6 +39,7 @@ def test_clean_accuracy_and_layer_means_match_direct_computation(study):
     assert set(summary["layer_means"]["a"]) == {"1", "3", "5"}
 
 
+@pytest.mark.slow
 def test_interventions_run_on_the_layer_before_the_output(study):
     _, _, _, _, summary = study
     inter = summary["interventions"]
@@ -50,6 +52,7 @@ def test_interventions_run_on_the_layer_before_the_output(study):
     assert inter["at_10_percent"]["repair/top"]["k"] == 1
 
 
+@pytest.mark.slow
 def test_writes_a_self_contained_page_and_the_json(study):
     _, _, _, out, summary = study
     page = (out / "index.html").read_text()

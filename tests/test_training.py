@@ -11,30 +11,11 @@ from neurosens.checkpoint import load_model
 from neurosens.cli import main as cli_main
 from neurosens.evaluation import evaluate
 from neurosens.methods import METHODS, make_loss
-from neurosens.models import build_model
 from neurosens.training import Trainer, TrainConfig
 
+from conftest import SPEC, digits8, fresh_model
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models run fastest on one thread, and a busy machine makes more threads far slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-SPEC = {"name": "small-cnn", "num_classes": 10, "in_channels": 1, "input_size": 8, "width": 8, "hidden": 32}
-
-
-def digits8(limit=None):
-    train, test = data.digits(True, size=8), data.digits(False, size=8)
-    return (train.subset(limit) if limit else train), test
-
-
-def fresh_model(seed=0):
-    torch.manual_seed(seed)
-    return build_model(**SPEC)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def config(**overrides):
@@ -58,6 +39,7 @@ def test_standard_training_learns_digits(tmp_path):
     assert without_times(lines) == without_times(history)
 
 
+@pytest.mark.slow
 def test_adversarial_training_buys_robustness():
     train, test = digits8()
     xt, yt = test.tensors()
@@ -167,6 +149,7 @@ def _ddp_worker(rank, world, out):
         dist.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_ddp_two_gloo_processes_train_identical_replicas(tmp_path):
     mp.spawn(_ddp_worker, args=(2, str(tmp_path)), nprocs=2, join=True)
     r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))
