@@ -1,4 +1,5 @@
-"""What the environment decides: boolean switches from environment variables, the default device."""
+"""What the environment decides: boolean switches from environment variables, and which device to
+run on when none is named (the model's own, or the best one visible)."""
 import os
 
 import torch
@@ -25,3 +26,12 @@ def default_device(device=None):
     if device is not None:
         return torch.device(device)
     return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+
+
+def model_device(model):
+    """The device of ``model``'s first parameter or buffer; the CPU for a model with neither."""
+    for t in model.parameters():
+        return t.device
+    for t in model.buffers():
+        return t.device
+    return torch.device("cpu")

@@ -6,6 +6,7 @@ from tqdm.auto import tqdm
 
 from .attacks import make_attack
 from .capture import eval_mode
+from .env import model_device
 
 
 def hits(logits, y):
@@ -24,7 +25,7 @@ def evaluate(model, loader, attacks=None, device=None, progress=False, distribut
     Returns ``{"n": images, "clean": acc, name: acc, ...}``; with ``distributed``, counts are summed
     over the ranks (each giving its own shard)."""
     attacks = attacks or {}
-    device = device or next(model.parameters()).device
+    device = device or model_device(model)
     names = ["clean", *attacks]
     correct = torch.zeros(len(names), dtype=torch.float64)
     total = 0

@@ -17,6 +17,7 @@ from tqdm.auto import tqdm
 
 from .capture import check_channel_dim, eval_mode, output_tensor, select_layers
 from .checks import check_index_range
+from .env import model_device
 from .evaluation import hits
 from .selection import resolve_k
 
@@ -78,7 +79,7 @@ def intervene(model, layer, neurons, mode="repair", channel_dim=1, mean=None, ou
 
 def adversarial_batches(model, loader, attack, device=None, max_batches=None, progress=True):
     """``[(x, x_adv, y)]`` on ``device``: the attack runs once and every intervention reuses it."""
-    device = device or next(model.parameters()).device
+    device = device or model_device(model)
     batches = []
     for i, (x, y) in enumerate(tqdm(loader, desc="attack", unit="batch", disable=not progress)):
         if max_batches is not None and i >= max_batches:

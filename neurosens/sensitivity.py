@@ -15,6 +15,7 @@ from tqdm.auto import tqdm
 
 from .capture import LayerHooks, check_channel_dim, eval_mode, select_layers, unwrap
 from .checks import check_metric
+from .env import model_device
 from .evaluation import hits
 from .ops import neuron_distance
 from .report import SensitivityReport
@@ -194,14 +195,6 @@ class NeuronSensitivity:
         return SensitivityReport(sensitivity, info)
 
 
-def _model_device(model):
-    for t in model.parameters():
-        return t.device
-    for t in model.buffers():
-        return t.device
-    return torch.device("cpu")
-
-
 def measure(
     model,
     loader,
@@ -225,7 +218,7 @@ def measure(
     :class:`NeuronSensitivity`; ``meta`` adds to the report's metadata.
     """
     meter = NeuronSensitivity(model, layers, metric, channel_dim, relative, auto, output_index)
-    device = torch.device(device) if device is not None else _model_device(model)
+    device = torch.device(device) if device is not None else model_device(model)
     total = len(loader) if hasattr(loader, "__len__") else None
     if max_batches is not None:
         total = max_batches if total is None else min(total, max_batches)
