@@ -1,5 +1,6 @@
 """neurosens: neuron sensitivity for adversarial robustness."""
-from .version import __version__
+# The ops, and with them the extension, load first: other orders change how soon the heap reuses
+# freed blocks after cpu_memory.keep_freed_memory() (tests/test_cpu_memory.py measures it).
 from .ops import NeuronDistance, neuron_distance, neuron_distance_per_sample, neuron_topk, stabilize
 from .attacks import CW, FGSM, PGD
 from .extension import info
@@ -7,6 +8,7 @@ from .report import SensitivityReport, compare
 from .selection import TopK
 from .sensitivity import NeuronSensitivity, measure
 from .sns import SNSRegularizer
+from .version import __version__
 
 __all__ = ["CW", "FGSM", "NeuronDistance", "NeuronSensitivity", "PGD", "SNSRegularizer", "SensitivityReport", "TopK",
            "__version__", "compare", "info", "measure", "neuron_distance", "neuron_distance_per_sample", "neuron_topk",

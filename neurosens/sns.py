@@ -23,8 +23,8 @@ import torch.distributed as dist
 
 from .capture import LayerHooks, check_channel_dim, select_layers, unwrap
 from .checks import check_metric
-from .reference import METRICS
 from .ops import neuron_distance, stabilize
+from .reference import METRICS
 from .selection import resolve_k, topk
 
 

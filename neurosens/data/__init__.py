@@ -2,14 +2,14 @@
 
 :mod:`~neurosens.data.datasets` holds the data sets and their loaders, :mod:`~neurosens.data.files`
 the data root, the pinned sha256 of every fetchable file and the IDX reader, and
-:mod:`~neurosens.data.fetch` the only code that touches the network (``neurosens data fetch``).
+:mod:`~neurosens.data.fetching` the only code that touches the network (``neurosens data fetch``).
 
 The data root is ``$NEUROSENS_DATA`` when set, else ``data/`` under the working directory; every
 loader also takes ``root=``.
 """
 from .datasets import (DATASETS, STATS, ImageDataset, cifar10, digits, fashion_mnist, idx_dataset, load, make_loader,
                        mnist, stats, synthetic)
-from .fetch import fetch
+from .fetching import fetch
 from .files import ROOT_ENV, SOURCES, ChecksumError, data_root, read_idx, sha256, verify
 
 __all__ = ["DATASETS", "ROOT_ENV", "SOURCES", "STATS", "ChecksumError", "ImageDataset", "cifar10", "data_root", "digits",
