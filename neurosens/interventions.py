@@ -15,7 +15,7 @@ from contextlib import contextmanager
 import torch
 from tqdm.auto import tqdm
 
-from .capture import check_channel_dim, eval_mode, output_tensor, select_layers
+from .capture import NeuronDims, eval_mode, output_tensor, select_layers
 from .checks import check_index_range
 from .env import model_device
 from .evaluation import hits
@@ -25,30 +25,33 @@ MODES = ("zero", "repair", "mean")
 SELECTIONS = ("top", "random", "bottom")
 
 
-def _single_layer(model, layer):
+def _single_layer(model, layer, channel_dim=None):
+    """``(name, module, neuron dims)`` of the one layer ``layer`` selects."""
     modules = select_layers(model, layer)
     if len(modules) != 1:
         raise ValueError(f"layer={layer!r} selects {len(modules)} layers ({', '.join(modules)}); interventions take one")
-    return next(iter(modules.items()))
+    name, module = next(iter(modules.items()))
+    return name, module, NeuronDims(model, modules, channel_dim, f"layer {name!r}")
 
 
 @contextmanager
-def intervene(model, layer, neurons, mode="repair", channel_dim=1, mean=None, output_index=None):
+def intervene(model, layer, neurons, mode="repair", channel_dim=None, mean=None, output_index=None):
     """Edit ``neurons`` of ``layer`` while the model runs on ``[x; x_adv]`` batches (see module doc).
 
-    ``mean`` is the [C, ...] mean benign map of the layer, needed by ``mode="mean"``
-    (:func:`mean_benign_output` computes it).
+    The layer's neuron dim is inferred as in measurement, or given by ``channel_dim`` (see
+    :class:`~neurosens.capture.NeuronDims`). ``mean`` is the layer's mean benign output without
+    the batch dim, needed by ``mode="mean"`` (:func:`mean_benign_output` computes it).
     """
     if mode not in MODES:
         raise ValueError(f"mode={mode!r} is unknown; expected one of {', '.join(MODES)}")
     if mode == "mean" and mean is None:
         raise ValueError("mode='mean' needs the layer's mean benign output: pass mean=mean_benign_output(...)")
-    name, module = _single_layer(model, layer)
+    name, module, neuron_dims = _single_layer(model, layer, channel_dim)
     neurons = torch.as_tensor(neurons, dtype=torch.long).flatten()
 
     def edit(mod, inputs, output):
         out = output_tensor(name, output, output_index)
-        cdim = check_channel_dim(name, out, channel_dim)
+        cdim = neuron_dims(name, out)
         check_index_range(neurons, out.shape[cdim], f"layer {name!r}", "neurons")
         if neurons.numel() == 0:
             return None
@@ -92,7 +95,7 @@ def adversarial_batches(model, loader, attack, device=None, max_batches=None, pr
 @torch.no_grad()
 def mean_benign_output(model, batches, layer, output_index=None):
     """The mean over samples of ``layer``'s benign output: a [C, ...] map."""
-    name, module = _single_layer(model, layer)
+    name, module, _ = _single_layer(model, layer)
     total, count = None, 0
 
     def keep(mod, inputs, output):
@@ -112,7 +115,7 @@ def mean_benign_output(model, batches, layer, output_index=None):
 
 
 @torch.no_grad()
-def accuracies(model, batches, layer=None, neurons=(), mode="repair", channel_dim=1, mean=None, output_index=None):
+def accuracies(model, batches, layer=None, neurons=(), mode="repair", channel_dim=None, mean=None, output_index=None):
     """(benign accuracy, adversarial accuracy) over ``batches`` with the intervention applied."""
     correct_benign = correct_adv = total = 0
     with eval_mode(model):
@@ -130,7 +133,7 @@ def accuracies(model, batches, layer=None, neurons=(), mode="repair", channel_di
 
 
 def intervention_curve(model, batches, layer, report, ks=(0.01, 0.02, 0.05, 0.1, 0.2), selection="top", mode="repair",
-                       seeds=3, channel_dim=1, output_index=None, progress=True):
+                       seeds=3, channel_dim=None, output_index=None, progress=True):
     """Benign and adversarial accuracy as ``k`` neurons of ``layer`` are edited.
 
     ``batches`` come from :func:`adversarial_batches`; ``report`` is the layer's
@@ -143,7 +146,7 @@ def intervention_curve(model, batches, layer, report, ks=(0.01, 0.02, 0.05, 0.1,
         raise ValueError(f"selection={selection!r} is unknown; expected one of {', '.join(SELECTIONS)}")
     if mode not in MODES:
         raise ValueError(f"mode={mode!r} is unknown; expected one of {', '.join(MODES)}")
-    name, _ = _single_layer(model, layer)
+    name, _, _ = _single_layer(model, layer, channel_dim)
     num = report[name].numel()
     counts = [resolve_k(k, num, f"intervention_curve(layer={name!r})", what="ks entry") for k in ks]
     mean = mean_benign_output(model, batches, name, output_index) if mode == "mean" else None

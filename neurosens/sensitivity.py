@@ -13,7 +13,7 @@ import torch
 import torch.distributed as dist
 from tqdm.auto import tqdm
 
-from .capture import LayerHooks, check_channel_dim, eval_mode, select_layers, unwrap
+from .capture import LayerHooks, NeuronDims, eval_mode, select_layers, unwrap
 from .checks import check_metric
 from .env import model_device
 from .evaluation import hits
@@ -40,27 +40,21 @@ class NeuronSensitivity:
     ``layers`` selects layers as in :func:`neurosens.capture.select_layers` (default: every
     conv/linear layer). ``metric`` is ``"l1"`` (the default: mean absolute difference of a neuron's
     map), ``"l2"`` or ``"cosine"``; ``relative=True`` divides ``l1``/``l2`` by the benign map's mean
-    absolute value. ``channel_dim`` is 1 for [N, C, ...] outputs and -1 for [N, T, C] tokens; a
-    dict ``{layer name: dim}`` sets it per layer (others use 1). ``output_index`` picks the tensor
-    from layers returning tuples.
+    absolute value. Each layer's neuron dim is inferred from its module (an ``nn.Linear`` on
+    [N, T, C] tokens: the last dim; see :class:`~neurosens.capture.NeuronDims`); ``channel_dim``
+    (1 for [N, C, ...], -1 for [N, T, C], or a dict ``{layer name: dim}``) says it where the module
+    does not. ``output_index`` picks the tensor from layers returning tuples.
 
     A layer run several times per forward (a shared ReLU, say) is reported once per call, as
     ``name#0``, ``name#1``, ... The model's train/eval flags are restored after every update.
     """
 
-    def __init__(self, model, layers="auto", metric="l1", channel_dim=1, relative=False, auto="conv_linear", output_index=None):
+    def __init__(self, model, layers="auto", metric="l1", channel_dim=None, relative=False, auto="conv_linear",
+                 output_index=None):
         check_metric(metric, "NeuronSensitivity", relative=relative)
         self.model = model
         self.modules = select_layers(model, layers, auto)
-        if isinstance(channel_dim, dict):
-            unknown = sorted(set(channel_dim) - set(self.modules))
-            if unknown:
-                raise ValueError(f"NeuronSensitivity: channel_dim names layers that are not selected: {', '.join(unknown)}")
-            self.channel_dims = {name: channel_dim.get(name, 1) for name in self.modules}
-        elif isinstance(channel_dim, int) and not isinstance(channel_dim, bool):
-            self.channel_dims = {name: channel_dim for name in self.modules}
-        else:
-            raise TypeError(f"NeuronSensitivity: channel_dim must be an int or a dict of ints, got {channel_dim!r}")
+        self.neuron_dims = NeuronDims(model, self.modules, channel_dim, "NeuronSensitivity")
         self.metric = metric
         self.relative = relative
         self.output_index = output_index
@@ -69,11 +63,11 @@ class NeuronSensitivity:
     def reset(self):
         """Forget every batch seen so far."""
         self._sums = {}  # (layer, call index) -> float64 [C] running sum
-        self._shapes = {}  # (layer, call index) -> per-sample output shape
+        self._shapes = {}  # (layer, call index) -> (per-sample output shape, neuron dim)
         self._samples = 0
         self._correct = torch.zeros(3, dtype=torch.float64)  # benign correct, adversarial correct, labelled samples
         self._calls = {}  # layer -> calls so far in the current forward
-        self._batch = {}  # (layer, call index) -> (partial sum, shape) of the current forward
+        self._batch = {}  # (layer, call index) -> (partial sum, (shape, neuron dim)) of the current forward
 
     @property
     def samples(self):
@@ -88,14 +82,15 @@ class NeuronSensitivity:
                 f"layer {name!r}: output of shape {list(t.shape)} has {t.shape[0]} rows, expected {2 * batch} "
                 f"(benign and adversarial batches of {batch}); the batch must be dim 0 of every chosen layer's output"
             )
-        cdim = check_channel_dim(name, t, self.channel_dims[name])
+        cdim = self.neuron_dims(name, t)
         shape = list(t.shape[1:])
-        if key in self._shapes and self._shapes[key][cdim - 1] != shape[cdim - 1]:
+        if key in self._shapes and self._shapes[key][0][cdim - 1] != shape[cdim - 1]:
             raise RuntimeError(
                 f"layer {name!r}: output of shape {list(t.shape)} has {shape[cdim - 1]} neurons along dim {cdim}, "
-                f"earlier batches had {self._shapes[key][cdim - 1]}"
+                f"earlier batches had {self._shapes[key][0][cdim - 1]}"
             )
-        self._batch[key] = (neuron_distance(t[:batch], t[batch:], self.metric, cdim, self.relative).sum.to(torch.float64), shape)
+        partial = neuron_distance(t[:batch], t[batch:], self.metric, cdim, self.relative).sum.to(torch.float64)
+        self._batch[key] = (partial, (shape, cdim))
 
     @torch.no_grad()
     def _forward(self, x, x_adv, y):
@@ -107,11 +102,11 @@ class NeuronSensitivity:
             out = self.model(torch.cat([x, x_adv]))
         hooks.check_ran()
         # Commit only once the whole forward succeeded, so a failing batch leaves the sums untouched.
-        for key, (partial, shape) in self._batch.items():
+        for key, (partial, layout) in self._batch.items():
             if key in self._sums:
                 self._sums[key] += partial
             else:
-                self._sums[key], self._shapes[key] = partial, shape
+                self._sums[key], self._shapes[key] = partial, layout
         self._samples += batch
         if y is not None and isinstance(out, torch.Tensor) and out.dim() == 2 and out.shape[0] == 2 * batch:
             right = hits(out, y.to(out.device).repeat(2)).view(2, batch).sum(1).to(torch.float64).cpu()
@@ -179,7 +174,8 @@ class NeuronSensitivity:
         for name, i in keys:
             label = f"{name}#{i}" if name in repeated else name
             sensitivity[label] = (sums[(name, i)] / samples).cpu()
-            layer_info[label] = {"shape": self._shapes[(name, i)], "channel_dim": self.channel_dims[name]}
+            shape, cdim = self._shapes[(name, i)]
+            layer_info[label] = {"shape": shape, "channel_dim": cdim}
         info = {
             "model": type(unwrap(self.model)).__name__,
             "metric": self.metric,
@@ -201,7 +197,7 @@ def measure(
     attack=None,
     layers="auto",
     metric="l1",
-    channel_dim=1,
+    channel_dim=None,
     relative=False,
     auto="conv_linear",
     output_index=None,

@@ -21,7 +21,7 @@ import math
 import torch
 import torch.distributed as dist
 
-from .capture import LayerHooks, check_channel_dim, select_layers, unwrap
+from .capture import LayerHooks, NeuronDims, select_layers, unwrap
 from .checks import check_metric
 from .ops import neuron_distance, stabilize
 from .reference import METRICS
@@ -93,15 +93,6 @@ class SNSConfig:
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.metadata["part"] == part}
 
 
-def _declared_neurons(module, channel_dim):
-    """Neurons of a layer known before it runs (conv channels, linear units), else None."""
-    if channel_dim == 1 and isinstance(module, (torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Conv3d)):
-        return module.out_channels
-    if channel_dim in (1, -1) and isinstance(module, torch.nn.Linear):
-        return module.out_features
-    return None
-
-
 class SNSRegularizer:
     """The SNS term for any training loop (see the module docstring).
 
@@ -111,14 +102,17 @@ class SNSRegularizer:
     the mean of the per-layer terms; ``refresh`` re-selects every that many calls of :meth:`loss`
     (in between the last selection is kept); ``detach_benign`` pulls only the adversarial side,
     which is cheaper but, on models that are already somewhat robust, gives a weight gradient that
-    points against the term's true gradient (docs/results.md, ablations).
+    points against the term's true gradient (docs/results.md, ablations). ``channel_dim`` is that
+    of :class:`~neurosens.sensitivity.NeuronSensitivity`: inferred per layer from its module when
+    None, an int, or a ``{layer: dim}`` dict.
     """
 
     def __init__(self, model, layers=SNSConfig.layers, k=SNSConfig.k, lam=SNSConfig.lam, metric=SNSConfig.metric,
                  select_metric=SNSConfig.select_metric, refresh=SNSConfig.refresh, detach_benign=SNSConfig.detach_benign,
-                 channel_dim=1, auto="conv_linear", output_index=None):
+                 channel_dim=None, auto="conv_linear", output_index=None):
         self.modules = select_layers(unwrap(model), layers, auto)
         SNSConfig(layers, k, lam, metric, select_metric, refresh, detach_benign).check()
+        self.neuron_dims = NeuronDims(model, self.modules, channel_dim, "SNS")
         ks = k if isinstance(k, dict) else {name: k for name in self.modules}
         unknown = sorted(set(ks) - set(self.modules))
         if unknown:
@@ -127,13 +121,12 @@ class SNSRegularizer:
         if missing:
             raise ValueError(f"SNS: k has no entry for layers {', '.join(missing)}")
         for name, value in ks.items():
-            resolve_k(value, _declared_neurons(self.modules[name], channel_dim), f"SNS layer {name!r}")
+            resolve_k(value, self.neuron_dims.count(name), f"SNS layer {name!r}")
         self.k = ks
         self.lam = float(lam)
         self.metric, self.select_metric = metric, select_metric
         self.refresh = refresh
         self.detach_benign = detach_benign
-        self.channel_dim = channel_dim
         self.output_index = output_index
         self.selections = {}  # layer -> indices of the neurons stabilized last
         self._outputs = {name: [] for name in self.modules}
@@ -171,7 +164,7 @@ class SNSRegularizer:
         terms = []
         for name in self.modules:
             a, b = self._pair(name)
-            cdim = check_channel_dim(name, a, self.channel_dim)
+            cdim = self.neuron_dims(name, a)
             if self.detach_benign:
                 a = a.detach()
             k = resolve_k(self.k[name], a.shape[cdim], f"SNS layer {name!r}")

@@ -2,7 +2,7 @@ import pytest
 import torch
 from torch import nn
 
-from neurosens.capture import ActivationCapture, LayerHooks, capture_activations, check_channel_dim, output_tensor, select_layers
+from neurosens.capture import ActivationCapture, LayerHooks, NeuronDims, capture_activations, output_tensor, select_layers
 
 
 class Block(nn.Module):
@@ -158,13 +158,15 @@ def test_output_tensor_errors():
 
 
 def test_channel_dim_checks():
-    assert check_channel_dim("a", torch.zeros(2, 3, 4), -1) == 2
-    with pytest.raises(ValueError, match=r"layer 'a': output of shape \[5\] has no channel dim"):
-        check_channel_dim("a", torch.zeros(5), 1)
+    net = nn.Sequential(Pair())
+    modules = select_layers(net, "0")
+    assert NeuronDims(net, modules, -1)("0", torch.zeros(2, 3, 4)) == 2
+    with pytest.raises(ValueError, match=r"layer '0': output of shape \[5\] has no channel dim"):
+        NeuronDims(net, modules, 1)("0", torch.zeros(5))
     with pytest.raises(ValueError, match=r"channel_dim=3 is out of range for its output of shape \[2, 3\]"):
-        check_channel_dim("a", torch.zeros(2, 3), 3)
+        NeuronDims(net, modules, 3)("0", torch.zeros(2, 3))
     with pytest.raises(ValueError, match=r"channel_dim=-2 points at the batch dim"):
-        check_channel_dim("a", torch.zeros(2, 3), -2)
+        NeuronDims(net, modules, -2)("0", torch.zeros(2, 3))
 
 
 def test_layer_hooks_pass_each_output():

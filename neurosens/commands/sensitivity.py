@@ -39,7 +39,9 @@ def add_arguments(parser):
                         help="what --layers auto selects: every conv/linear output or every ReLU output (default: conv_linear)")
     parser.add_argument("--metric", choices=METRICS, default="l1", help="distance between benign and adversarial maps (default: l1)")
     parser.add_argument("--relative", action="store_true", help="divide l1/l2 by the benign map's mean absolute value")
-    parser.add_argument("--channel-dim", type=int, default=1, help="dim of the neurons: 1 for [N, C, ...], -1 for [N, T, C] (default: 1)")
+    parser.add_argument("--channel-dim", type=int, default=None,
+                        help="dim of the neurons of layers whose module does not say it: 1 for [N, C, ...], -1 for "
+                             "[N, T, C] (default: inferred per layer; Linear: last dim, conv: dim 1)")
     parser.add_argument("--top", type=int, default=3, help="most sensitive neurons to print per layer (default: 3)")
     parser.add_argument("--label", help="name of this model in tables and plots (default: the checkpoint's folder name)")
     parser.add_argument("--compare", nargs="+", default=[], metavar="REPORT",

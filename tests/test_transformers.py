@@ -1,0 +1,150 @@
+"""Transformers and token layouts: layer selection, the neuron dim of [N, T, C] outputs, SNS on a ViT."""
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torchvision.models import VisionTransformer
+
+import neurosens as ns
+from neurosens.capture import ActivationCapture, select_layers
+
+BLOCK = "encoder.layers.encoder_layer_{}"
+MLP_IN = BLOCK + ".mlp.0"
+
+
+def tiny_vit(seed=0):
+    torch.manual_seed(seed)
+    return VisionTransformer(image_size=28, patch_size=7, num_layers=2, num_heads=2, hidden_dim=32, mlp_dim=64,
+                             num_classes=10)
+
+
+def pairs(n=6, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.rand(n, 3, 28, 28, generator=g)
+    x_adv = (x + 0.1 * torch.randn(x.shape, generator=g)).clamp(0, 1)
+    return x, x_adv, torch.randint(0, 10, (n,), generator=g)
+
+
+def by_hand(model, layer, x, x_adv):
+    """Mean over samples of the mean |a - b| over the 17 tokens, for each of the layer's features."""
+    outs = {}
+    for key, inputs in (("a", x), ("b", x_adv)):
+        with ActivationCapture(model, layer) as cap, torch.no_grad():
+            model.eval()(inputs)
+        outs[key] = cap.activations[layer]
+    assert outs["a"].shape == (len(x), 17, outs["a"].shape[-1])
+    return (outs["a"] - outs["b"]).abs().mean(1).mean(0)
+
+
+def test_auto_skips_the_attention_projection_that_never_runs():
+    vit = tiny_vit()
+    chosen = list(select_layers(vit, "auto"))
+    assert not any(name.endswith("out_proj") for name in chosen)
+    assert chosen == ["conv_proj"] + [MLP_IN.format(i) if j == 0 else BLOCK.format(i) + ".mlp.3"
+                                      for i in range(2) for j in range(2)] + ["heads.head"]
+    encoder = nn.TransformerEncoder(nn.TransformerEncoderLayer(16, 2, 24, batch_first=True), 2)
+    assert list(select_layers(encoder, "auto")) == [f"layers.{i}.linear{j}" for i in range(2) for j in (1, 2)]
+    x, x_adv, _ = pairs()
+    report = ns.measure(vit, [(x, x_adv)], progress=False)
+    assert report.layers == chosen
+
+
+def test_mlp_layer_has_its_features_as_neurons_along_the_last_dim():
+    vit = tiny_vit()
+    x, x_adv, _ = pairs()
+    layer = MLP_IN.format(1)
+    report = ns.measure(vit, [(x[:4], x_adv[:4]), (x[4:], x_adv[4:])], layers=[layer, BLOCK.format(1) + ".mlp.1"],
+                        progress=False)
+    assert report[layer].shape == (64,)
+    assert report.meta["layers"][layer]["channel_dim"] == 2
+    torch.testing.assert_close(report[layer], by_hand(vit, layer, x, x_adv).double(), rtol=1e-5, atol=1e-7)
+    # The GELU after it in its nn.Sequential has the same 64 neurons.
+    gelu = BLOCK.format(1) + ".mlp.1"
+    torch.testing.assert_close(report[gelu], by_hand(vit, gelu, x, x_adv).double(), rtol=1e-5, atol=1e-7)
+    values, neurons = report.topk(layer, k=0.1)
+    expected = torch.sort(report[layer], descending=True)
+    assert values.tolist() == expected.values[:6].tolist() and len(set(neurons.tolist())) == 6  # 10% of 64
+
+
+def test_an_explicit_channel_dim_that_contradicts_the_module_is_refused_unless_per_layer():
+    vit = tiny_vit()
+    x, x_adv, _ = pairs(4)
+    layer = MLP_IN.format(0)
+    with pytest.raises(ValueError, match=rf"layer '{layer}': channel_dim=1 would take the 17 entries of dim 1 .*"
+                                         r"nn.Linear\(out_features=64\) has its 64 neurons on dim 2"):
+        ns.measure(vit, [(x, x_adv)], layers=layer, channel_dim=1, progress=False)
+    report = ns.measure(vit, [(x, x_adv)], layers=layer, channel_dim={layer: 1}, progress=False)
+    assert report[layer].shape == (17,)
+
+
+def test_a_3d_output_of_an_undeclared_module_needs_a_channel_dim():
+    class Mix(nn.Module):
+        def forward(self, x):
+            return x * 2
+
+    net = nn.Sequential(nn.Linear(5, 6), nn.Identity(), Mix())
+    x = torch.randn(3, 4, 5)
+    with pytest.raises(ValueError, match=r"layer '2' \(Mix\) gives a 3-d output \[6, 4, 6\]: .*channel_dim=\{'2': 1\} or -1"):
+        ns.measure(net, [(x, x + 1)], layers="2", progress=False)
+    report = ns.measure(net, [(x, x + 1)], layers=["1", "2"], channel_dim=-1, progress=False)
+    assert report["1"].shape == report["2"].shape == (6,)
+
+
+def test_presets_for_activations_mlp_units_and_blocks():
+    vit = tiny_vit()
+    assert list(select_layers(vit, "auto", auto="activations")) == [BLOCK.format(i) + ".mlp.1" for i in range(2)]
+    assert list(select_layers(vit, "auto", auto="mlp")) == [MLP_IN.format(i) for i in range(2)]
+    assert list(select_layers(vit, "auto", auto="blocks")) == [BLOCK.format(i) for i in range(2)]
+    net = nn.Sequential(nn.Linear(3, 4), nn.SiLU(), nn.Linear(4, 4), nn.Hardswish(), nn.ReLU6(), nn.Linear(4, 2))
+    assert list(select_layers(net, "auto", auto="activations")) == ["1", "3", "4"]
+    assert list(select_layers(net, "auto", auto="relu")) == ["4"]
+    with pytest.raises(ValueError, match=r"auto='blocks'.*Sequential has none of each transformer block"):
+        select_layers(net, "auto", auto="blocks")
+    x, x_adv, _ = pairs(4)
+    report = ns.measure(vit, [(x, x_adv)], layers="auto", auto="blocks", progress=False)
+    block = BLOCK.format(0)
+    assert report[block].shape == (32,)
+    torch.testing.assert_close(report[block], by_hand(vit, block, x, x_adv).double(), rtol=1e-5, atol=1e-7)
+
+
+def test_sns_on_a_vit_stabilizes_mlp_features():
+    vit = tiny_vit()
+    x, x_adv, y = pairs(8)
+    reg = ns.SNSRegularizer(vit, layers="auto", auto="mlp", k=8, lam=1.0)
+    opt = torch.optim.SGD(vit.parameters(), lr=0.05)
+    vit.train()
+    for step in range(2):
+        with reg.capture():
+            logits, logits_adv = vit(torch.cat([x, x_adv])).chunk(2)
+        captured = {name: outs[0].detach() for name, outs in reg._outputs.items()}
+        term = reg.loss()
+        # By hand: per-sample mean |a - b| over tokens of the 8 most sensitive features, averaged.
+        expected = []
+        for name, out in captured.items():
+            a, b = out.chunk(2)
+            per_sample = (a - b).abs().mean(1)
+            top = per_sample.sum(0).topk(8).indices
+            assert sorted(top.tolist()) == sorted(reg.selections[name].tolist())
+            expected.append(per_sample[:, top].mean())
+        torch.testing.assert_close(term.detach(), torch.stack(expected).mean(), rtol=1e-5, atol=1e-7)
+        loss = F.cross_entropy(logits_adv, y) + term
+        opt.zero_grad()
+        loss.backward()
+        assert vit.encoder.layers.encoder_layer_0.mlp[0].weight.grad.abs().sum() > 0
+        opt.step()
+    assert all(idx.max() < 64 for idx in reg.selections.values())
+
+
+def test_sns_takes_a_per_layer_channel_dim_as_measure_does():
+    vit = tiny_vit()
+    x, x_adv, _ = pairs(4)
+    layer = MLP_IN.format(0)
+    reg = ns.SNSRegularizer(vit, layers=layer, k=3, channel_dim={layer: 1})
+    with reg.capture():
+        vit(torch.cat([x, x_adv]))
+    reg.loss()
+    assert reg.selections[layer].max() < 17
+    with pytest.raises(ValueError, match=r"SNS: channel_dim names layers that are not selected: heads.head"):
+        ns.SNSRegularizer(vit, layers=layer, channel_dim={"heads.head": -1})
+    with pytest.raises(TypeError, match=r"SNS: channel_dim must be None, an int or a dict"):
+        ns.SNSRegularizer(vit, layers=layer, channel_dim="last")
