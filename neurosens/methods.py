@@ -63,14 +63,17 @@ class SNSLoss:
 
     ``adv_examples="correct"`` keeps in the adversarial cross-entropy only the examples the model
     classifies right on the benign input. With ``lam=0``, ``clean_weight=0`` and all examples no
-    benign forward is needed, and a step is exactly a PGD-AT step. The options are an
-    :class:`~neurosens.sns.SNSConfig`, or its fields as keywords.
+    benign forward is needed, and a step is exactly a PGD-AT step. ``forward="joint"`` (the
+    default) runs the benign and adversarial batches as one forward of ``[x; x_adv]``, so BatchNorm
+    updates its running statistics once per step and normalizes both halves with the same batch
+    statistics; ``"separate"`` runs two forwards (two updates, each half normalized on its own).
+    The options are an :class:`~neurosens.sns.SNSConfig`, or its fields as keywords.
     """
 
     def __init__(self, model, config=None, **options):
         config = (config if config is not None else SNSConfig(**options)).check()
         self.regularizer = SNSRegularizer(model, **config.options("regularizer"))
-        self.clean_weight, self.adv_examples = float(config.clean_weight), config.adv_examples
+        self.clean_weight, self.adv_examples, self.forward = float(config.clean_weight), config.adv_examples, config.forward
 
     def __call__(self, model, x, y, attack):
         reg = self.regularizer
@@ -79,10 +82,13 @@ class SNSLoss:
             logits_adv = model(x_adv)
             return F.cross_entropy(logits_adv, y), {"adv_acc": accuracy(logits_adv, y)}
         with reg.capture():
-            # A detached benign side needs no graph unless the clean cross-entropy uses it.
-            with torch.set_grad_enabled(not (reg.detach_benign and self.clean_weight == 0)):
-                logits = model(x)
-            logits_adv = model(x_adv)
+            if self.forward == "joint":
+                logits, logits_adv = model(torch.cat([x, x_adv])).chunk(2)
+            else:
+                # A detached benign side needs no graph unless the clean cross-entropy uses it.
+                with torch.set_grad_enabled(not (reg.detach_benign and self.clean_weight == 0)):
+                    logits = model(x)
+                logits_adv = model(x_adv)
         ce_each = F.cross_entropy(logits_adv, y, reduction="none")
         if self.adv_examples == "correct":
             ce_each = ce_each * (logits.argmax(1) == y).to(ce_each.dtype)

@@ -9,8 +9,16 @@ op gives the stabilizing term and its gradient::
     for x, y in loader:
         x_adv = attack(x, y)
         with reg.capture():
-            logits, logits_adv = model(x), model(x_adv)
+            logits, logits_adv = model(torch.cat([x, x_adv])).chunk(2)
         loss = F.cross_entropy(logits_adv, y) + reg.loss()
+
+One forward of the concatenated batch is the BatchNorm-safe way, and what SNS training does by
+default (``SNSConfig.forward="joint"``): a training-mode BatchNorm updates its running statistics
+once per step, from the statistics of x and x' together, and normalizes both halves with the same
+batch statistics, so the benign/adversarial difference the term sees comes from the inputs alone.
+Two forwards (``model(x), model(x_adv)``, ``forward="separate"``) update the statistics twice
+per step and normalize each half with its own statistics. Models without BatchNorm compute the
+same either way.
 
 Under ``torch.distributed`` the per-neuron statistics are summed over ranks before the top-k, so
 every rank stabilizes the same neurons.
@@ -30,6 +38,8 @@ from .selection import resolve_k, topk
 
 #: Which examples enter SNS training's adversarial cross-entropy: all, or those right on the benign input.
 ADV_EXAMPLES = ("all", "correct")
+#: How SNS training runs the benign and adversarial batches: one forward of [x; x_adv], or two.
+FORWARDS = ("joint", "separate")
 
 
 def _option(default, help, cli_type=None, choices=None, part="regularizer"):
@@ -53,9 +63,9 @@ def _batches_or_epoch(text):
 class SNSConfig:
     """The options of SNS, in one place: :class:`SNSRegularizer` and
     :class:`~neurosens.methods.SNSLoss` take them, :class:`~neurosens.training.TrainConfig` holds
-    them as ``sns_<name>`` and the train command as ``--sns-<name>``. ``clean_weight`` and
-    ``adv_examples`` belong to the loss, the others to the regularizer; ``refresh="epoch"`` is
-    for training runs, which turn it into their batches per epoch."""
+    them as ``sns_<name>`` and the train command as ``--sns-<name>``. ``clean_weight``,
+    ``adv_examples`` and ``forward`` belong to the loss, the others to the regularizer;
+    ``refresh="epoch"`` is for training runs, which turn it into their batches per epoch."""
 
     layers: object = _option("auto", "comma-separated layer names or patterns to stabilize, or auto: every conv/linear")
     k: object = _option(0.3, "neurons per layer: a count (8) or a fraction (0.1)", _count_or_fraction)
@@ -67,6 +77,9 @@ class SNSConfig:
     clean_weight: float = _option(0.0, "weight of the clean cross-entropy", float, part="loss")
     adv_examples: str = _option("all", "examples in the adversarial cross-entropy: all, or those right on the benign input",
                                 choices=ADV_EXAMPLES, part="loss")
+    forward: str = _option("joint", "joint: one forward of [x; x_adv], so BatchNorm updates its statistics once per step "
+                                    "and normalizes both halves alike; separate: a benign and an adversarial forward",
+                           choices=FORWARDS, part="loss")
 
     def check(self, where="SNS", prefix="", per_epoch=False):
         """Raise for the first bad option, naming it ``<prefix><name>``; ``refresh="epoch"`` is
@@ -86,6 +99,8 @@ class SNSConfig:
             raise ValueError(f"{where}: {prefix}clean_weight={self.clean_weight!r} must be >= 0")
         if self.adv_examples not in ADV_EXAMPLES:
             raise ValueError(f"{where}: {prefix}adv_examples={self.adv_examples!r} is unknown; expected one of {', '.join(ADV_EXAMPLES)}")
+        if self.forward not in FORWARDS:
+            raise ValueError(f"{where}: {prefix}forward={self.forward!r} is unknown; expected one of {', '.join(FORWARDS)}")
         return self
 
     def options(self, part):

@@ -73,6 +73,7 @@ class TrainConfig:
     sns_adv_examples: str = SNSConfig.adv_examples
     sns_refresh: object = SNSConfig.refresh
     sns_detach_benign: bool = SNSConfig.detach_benign
+    sns_forward: str = SNSConfig.forward
     eval_steps: int = 20
     eval_alpha: float = None
     eval_limit: int = 1000
