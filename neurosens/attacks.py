@@ -6,11 +6,18 @@ Call convention::
     x_adv = atk(x, y)                  # untargeted
     x_adv = atk(x, y, target=t)        # with targeted=True; t defaults to a random wrong class
 
-Inputs are pixels in [0, 1]. An attack runs the model in eval mode and restores every module's
-own mode afterwards; it differentiates with ``torch.autograd.grad`` with respect to the input only,
-so the parameters' ``.grad`` are never touched. The result is detached, inside [0, 1] and inside
-the eps-ball around ``x``.
+Inputs are pixels in [0, 1], with any normalization inside the model
+(:class:`neurosens.models.Normalize`); ``clip=(lo, hi)`` sets other bounds. An attack warns once
+when its inputs fall outside the bounds (they would be clipped into them, far beyond eps) and when
+an L-inf eps spans the whole range, as a budget on the 0-255 scale (``eps=8`` for ``8/255``) would.
+An attack runs the model in eval mode and restores every module's own mode afterwards; it
+differentiates with ``torch.autograd.grad`` with respect to the input only, so the parameters'
+``.grad`` are never touched. The result is detached, inside the bounds and inside the eps-ball
+around ``x``.
 """
+import math
+import warnings
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -20,6 +27,7 @@ from .capture import eval_mode
 NORMS = ("linf", "l2")
 LOSSES = ("ce", "cw")
 STARTS = ("uniform", "normal", "none")
+PIXELS = (0.0, 1.0)
 
 
 def margin_loss(logits, y):
@@ -34,15 +42,24 @@ def _per_sample_norm(t, norm):
     return (flat.abs().amax(1) if norm == "linf" else flat.norm(dim=1)).view(-1, *[1] * (t.dim() - 1))
 
 
-def project(x_adv, x, eps, norm):
-    """Project ``x_adv`` onto the eps-ball around ``x`` and the [0, 1] box."""
+def project(x_adv, x, eps, norm, clip=PIXELS):
+    """Project ``x_adv`` onto the eps-ball around ``x`` and the ``clip`` box."""
     delta = x_adv - x
     if norm == "linf":
         delta = delta.clamp(-eps, eps)
     else:
         delta = delta * (eps / _per_sample_norm(delta, "l2").clamp_min(1e-12)).clamp(max=1.0)
     # Clamping to the box only shrinks each coordinate of delta, so the ball still holds.
-    return (x + delta).clamp(0, 1)
+    return (x + delta).clamp(*clip)
+
+
+def check_clip(clip):
+    """``clip`` as a ``(lo, hi)`` pair of floats, lo < hi."""
+    if (not isinstance(clip, (tuple, list)) or len(clip) != 2
+            or not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in clip)
+            or not clip[0] < clip[1]):
+        raise ValueError(f"clip={clip!r}: must be a pair (lo, hi) of finite numbers with lo < hi (the bounds of the inputs)")
+    return float(clip[0]), float(clip[1])
 
 
 def random_targets(y, num_classes, generator=None):
@@ -59,17 +76,24 @@ class Attack:
 
     name = "attack"
 
-    def __init__(self, model, eps, norm="linf", loss="ce", targeted=False, num_classes=None):
+    def __init__(self, model, eps, norm="linf", loss="ce", targeted=False, num_classes=None, clip=PIXELS):
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
         if not (isinstance(eps, (int, float)) and eps >= 0):
-            raise ValueError(f"eps={eps!r}: must be a number >= 0 (pixel units, inputs in [0, 1])")
+            raise ValueError(f"eps={eps!r}: must be a number >= 0 (input units, pixels in [0, 1] by default)")
         if norm not in NORMS:
             raise ValueError(f"norm={norm!r} is unknown; expected one of {', '.join(NORMS)}")
         if not callable(loss) and loss not in LOSSES:
             raise ValueError(f"loss={loss!r} is unknown; expected one of {', '.join(LOSSES)} or a callable")
         self.model, self.eps, self.norm, self.loss, self.targeted = model, float(eps), norm, loss, bool(targeted)
         self.num_classes = num_classes
+        self.clip = check_clip(clip)
+        self._warned_range = False
+        width = self.clip[1] - self.clip[0]
+        if norm == "linf" and self.eps >= width:
+            scale = f"; on the 0-255 scale write eps={self.eps:g}/255" if self.clip == PIXELS else ""
+            warnings.warn(f"{type(self).__name__}: eps={self.eps:g} spans the whole input range clip={self.clip} "
+                          f"(width {width:g}), so the budget constrains nothing{scale}", stacklevel=3)
 
     def __repr__(self):
         fields = {k: v for k, v in vars(self).items() if k != "model" and not k.startswith("_")}
@@ -95,6 +119,7 @@ class Attack:
         if x.dim() < 2 or y.dim() != 1 or len(x) != len(y):
             raise ValueError(f"expected x [N, ...] and labels [N], got x {tuple(x.shape)} and y {tuple(y.shape)}")
         x = x.detach()
+        self._check_range(x)
         if self.eps == 0:
             return x.clone()
         with eval_mode(self.model), torch.enable_grad():
@@ -106,7 +131,21 @@ class Attack:
             elif target is not None:
                 raise ValueError("target= was given to an untargeted attack; build it with targeted=True")
             x_adv = self._perturb(x, y.detach())
-        return project(x_adv.detach(), x, self.eps, self.norm)
+        return project(x_adv.detach(), x, self.eps, self.norm, self.clip)
+
+    def _check_range(self, x):
+        """Warn, once per attack, when inputs lie outside the bounds (e.g. normalized images)."""
+        if self._warned_range or x.numel() == 0:
+            return
+        lo, hi = x.min().item(), x.max().item()
+        if lo < self.clip[0] or hi > self.clip[1]:
+            self._warned_range = True
+            warnings.warn(
+                f"{type(self).__name__}: inputs span [{lo:.3g}, {hi:.3g}], outside the attack's bounds clip={self.clip}; "
+                "adversarial inputs are clipped into the bounds, moving such pixels by more than eps. Attacks work in "
+                "pixel space: normalize inside the model (neurosens.models.Normalize), or give clip=(lo, hi)",
+                stacklevel=3,
+            )
 
     def _perturb(self, x, y):
         raise NotImplementedError
@@ -140,8 +179,8 @@ class PGD(Attack):
     name = "pgd"
 
     def __init__(self, model, eps, alpha=None, steps=10, norm="linf", random_start=True, restarts=1,
-                 loss="ce", targeted=False, num_classes=None):
-        super().__init__(model, eps, norm, loss, targeted, num_classes)
+                 loss="ce", targeted=False, num_classes=None, clip=PIXELS):
+        super().__init__(model, eps, norm, loss, targeted, num_classes, clip)
         if not isinstance(steps, int) or steps < 1:
             raise ValueError(f"steps={steps!r}: must be an integer >= 1")
         if not isinstance(restarts, int) or restarts < 1:
@@ -159,19 +198,19 @@ class PGD(Attack):
         if self.random_start == "none":
             return x.clone()
         if self.random_start == "normal":
-            return project(x + 0.001 * torch.randn_like(x), x, self.eps, self.norm)
+            return project(x + 0.001 * torch.randn_like(x), x, self.eps, self.norm, self.clip)
         if self.norm == "linf":
-            return (x + torch.empty_like(x).uniform_(-self.eps, self.eps)).clamp(0, 1)
+            return (x + torch.empty_like(x).uniform_(-self.eps, self.eps)).clamp(*self.clip)
         direction = torch.randn_like(x)
         direction = direction / _per_sample_norm(direction, "l2").clamp_min(1e-12)
         radius = self.eps * torch.rand((len(x),) + (1,) * (x.dim() - 1), device=x.device, dtype=x.dtype)
-        return (x + radius * direction).clamp(0, 1)
+        return (x + radius * direction).clamp(*self.clip)
 
     def _run(self, x, y):
         x_adv = self._start(x)
         for _ in range(self.steps):
             grad, _ = self._grad(x_adv, y)
-            x_adv = project(x_adv + self.alpha * _direction(grad, self.norm), x, self.eps, self.norm)
+            x_adv = project(x_adv + self.alpha * _direction(grad, self.norm), x, self.eps, self.norm, self.clip)
         with torch.no_grad():
             logits = self.model(x_adv)
             loss = self._loss(logits, y)
@@ -195,17 +234,21 @@ class CW(PGD):
     name = "cw"
 
     def __init__(self, model, eps, alpha=None, steps=30, norm="linf", random_start=True, restarts=1,
-                 targeted=False, num_classes=None):
-        super().__init__(model, eps, alpha, steps, norm, random_start, restarts, "cw", targeted, num_classes)
+                 targeted=False, num_classes=None, clip=PIXELS):
+        super().__init__(model, eps, alpha, steps, norm, random_start, restarts, "cw", targeted, num_classes, clip)
 
 
 class AutoAttack(Attack):
     """AutoAttack (APGD-CE, APGD-T, FAB-T, Square; the "standard" version) via ``torchattacks``,
-    an optional dependency: ``pip install torchattacks`` (or ``neurosens[attacks]``)."""
+    an optional dependency: ``pip install torchattacks`` (or ``neurosens[attacks]``). It works in
+    [0, 1] only."""
 
     name = "autoattack"
 
-    def __init__(self, model, eps, norm="linf", num_classes=10, version="standard", seed=0):
+    def __init__(self, model, eps, norm="linf", num_classes=10, version="standard", seed=0, clip=PIXELS):
+        if check_clip(clip) != PIXELS:
+            raise ValueError(f"AutoAttack: clip={clip!r}: torchattacks' AutoAttack works in [0, 1] only; "
+                             "normalize inside the model (neurosens.models.Normalize)")
         super().__init__(model, eps, norm, "ce", False, num_classes)
         try:
             import torchattacks
@@ -229,14 +272,15 @@ class AutoAttack(Attack):
 ATTACKS = {"fgsm": FGSM, "pgd": PGD, "cw": CW, "autoattack": AutoAttack}
 
 
-def make_attack(name, model, eps, norm="linf", alpha=None, steps=None, restarts=1, num_classes=10, seed=0):
+def make_attack(name, model, eps, norm="linf", alpha=None, steps=None, restarts=1, num_classes=10, seed=0, clip=PIXELS):
     """An attack of :data:`ATTACKS` by name, given the options that kind takes: FGSM only ``norm``,
     AutoAttack ``norm``, ``num_classes`` and ``seed``, PGD and CW the step size, steps (None: the
-    attack's default) and restarts."""
+    attack's default) and restarts; all take the bounds ``clip``."""
     if name not in ATTACKS:
         raise ValueError(f"attack {name!r} is unknown; expected one of {', '.join(ATTACKS)}")
     if name == "fgsm":
-        return FGSM(model, eps, norm)
+        return FGSM(model, eps, norm, clip=clip)
     if name == "autoattack":
-        return AutoAttack(model, eps, norm, num_classes=num_classes, seed=seed)
-    return ATTACKS[name](model, eps, alpha, norm=norm, restarts=restarts, **({} if steps is None else {"steps": steps}))
+        return AutoAttack(model, eps, norm, num_classes=num_classes, seed=seed, clip=clip)
+    return ATTACKS[name](model, eps, alpha, norm=norm, restarts=restarts, clip=clip,
+                        **({} if steps is None else {"steps": steps}))

@@ -45,7 +45,8 @@ def trades_loss(beta=6.0):
         def kl_to_clean(logits, _):
             return F.kl_div(F.log_softmax(logits, 1), p_clean, reduction="none").sum(1)
 
-        inner = PGD(attack.model, attack.eps, attack.alpha, attack.steps, attack.norm, random_start="normal", loss=kl_to_clean)
+        inner = PGD(attack.model, attack.eps, attack.alpha, attack.steps, attack.norm, random_start="normal", loss=kl_to_clean,
+                    clip=attack.clip)
         x_adv = inner(x, y)
         logits, logits_adv = model(x), model(x_adv)
         ce = F.cross_entropy(logits, y)
