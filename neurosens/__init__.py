@@ -4,6 +4,7 @@
 from .ops import NeuronDistance, neuron_distance, neuron_distance_per_sample, neuron_topk, stabilize
 from .attacks import CW, FGSM, PGD
 from .extension import info
+from .plots import plot_histograms, plot_intervention_curves, plot_layer_means, plot_sorted, save_plots
 from .report import SensitivityReport, compare
 from .selection import TopK
 from .sensitivity import NeuronSensitivity, measure
@@ -12,4 +13,4 @@ from .version import __version__
 
 __all__ = ["CW", "FGSM", "NeuronDistance", "NeuronSensitivity", "PGD", "SNSRegularizer", "SensitivityReport", "TopK",
            "__version__", "compare", "info", "measure", "neuron_distance", "neuron_distance_per_sample", "neuron_topk",
-           "stabilize"]
+           "plot_histograms", "plot_intervention_curves", "plot_layer_means", "plot_sorted", "save_plots", "stabilize"]

@@ -24,6 +24,28 @@ def _save(fig, path):
     return fig
 
 
+def _wrap(name, width=26):
+    """A layer name broken at its dots into lines of at most ``width`` characters, so long names
+    do not run into their neighbours."""
+    lines, line = [], ""
+    for part in name.split("."):
+        piece = part if not line else "." + part
+        if line and len(line) + len(piece) > width:
+            lines.append(line)
+            line = piece
+        else:
+            line += piece
+    return "\n".join(lines + [line])
+
+
+def _line_styles(count):
+    """A (color, dash) pair per line, distinct for up to 40 lines: ten colors, then the next dash."""
+    from matplotlib import colormaps
+
+    colors, dashes = colormaps["tab10"].colors, ["-", "--", ":", "-."]
+    return [(colors[i % 10], dashes[(i // 10) % len(dashes)]) for i in range(count)]
+
+
 def _metric_label(reports):
     metric = reports[0].meta.get("metric", "l1")
     relative = " (relative)" if reports[0].meta.get("relative") else ""
@@ -72,8 +94,12 @@ def _pick_layers(reports, layers, most=12):
 
 
 def plot_histograms(reports, labels=None, layers=None, path=None, bins=30):
-    """Per-layer histograms of neuron sensitivity (one panel per layer, models overlaid)."""
+    """Per-layer histograms of neuron sensitivity (one panel per layer, models overlaid).
+
+    ``layers`` picks the panels; by default up to 12 layers spread evenly through the network, and
+    the figure's title says how many of how many are shown."""
     reports, labels = as_reports(reports, labels)
+    available, chosen_by_caller = len(union_layers(reports)), layers is not None
     layers = _pick_layers(reports, layers)
     cols = min(4, len(layers))
     rows = math.ceil(len(layers) / cols)
@@ -86,13 +112,16 @@ def plot_histograms(reports, labels=None, layers=None, path=None, bins=30):
         edges = torch.linspace(lo, hi if hi > lo else lo + 1e-12, bins + 1).tolist()
         for label, v in present:
             ax.hist(v.numpy(), bins=edges, alpha=0.6 if len(present) > 1 else 0.9, label=label)
-        ax.set_title(f"{layer} ({present[0][1].numel()} neurons)", fontsize=9)
+        ax.set_title(f"{_wrap(layer)} ({present[0][1].numel()} neurons)", fontsize=9)
         ax.tick_params(labelsize=7)
         ax.locator_params(axis="x", nbins=4)
     for ax in axes[len(layers):]:
         ax.set_visible(False)
     fig.supxlabel(_metric_label(reports), fontsize=9)
     fig.supylabel("neurons", fontsize=9)
+    if not chosen_by_caller and len(layers) < available:
+        fig.suptitle(f"{len(layers)} of {available} layers, spread evenly through the network (layers= picks others)",
+                     fontsize=9)
     if len(reports) > 1:
         axes[0].legend(fontsize=7)
     return _save(fig, path)
@@ -100,34 +129,32 @@ def plot_histograms(reports, labels=None, layers=None, path=None, bins=30):
 
 def plot_sorted(reports, labels=None, layers=None, path=None, log=True):
     """Sorted sensitivity curves: each layer's neurons from most to least sensitive, against their
-    rank as a fraction of the layer, so layers of any width share the axis; one panel per model."""
-    from matplotlib import colormaps
-    from matplotlib.cm import ScalarMappable
-    from matplotlib.colors import Normalize
-
+    rank as a fraction of the layer, so layers of any width share the axis; one panel per model.
+    Every layer keeps its own color and dash and its name in the legend."""
     reports, labels = as_reports(reports, labels)
     layers = _pick_layers(reports, layers, most=len(union_layers(reports)))
-    fig = _figure(4.6 * len(reports) + 1.2, 4.0)
+    columns = math.ceil(len(layers) / 22)
+    fig = _figure(4.6 * len(reports) + 1.6 * columns + 0.4, max(4.0, 0.16 * min(len(layers), 22) + 1.0))
     axes = fig.subplots(1, len(reports), squeeze=False, sharey=True).ravel()
-    cmap = colormaps["viridis"]
+    styles = dict(zip(layers, _line_styles(len(layers))))
+    handles = {}
     for ax, label, report in zip(axes, labels, reports):
-        for i, layer in enumerate(layers):
+        for layer in layers:
             if layer not in report:
                 continue
             v = torch.sort(report[layer], descending=True).values
             x = (torch.arange(v.numel(), dtype=torch.float64) + 0.5) / v.numel()
-            ax.plot(x.numpy(), v.numpy(), color=cmap(i / max(1, len(layers) - 1)), lw=1.2, label=layer)
+            color, dash = styles[layer]
+            handles[layer], = ax.plot(x.numpy(), v.numpy(), color=color, ls=dash, lw=1.2, label=layer)
         ax.set_title(label)
         ax.set_xlabel("neuron rank (fraction of layer)")
         ax.grid(alpha=0.3)
         if log:
             ax.set_yscale("log")
     axes[0].set_ylabel(_metric_label(reports))
-    if len(layers) <= 12:
-        axes[-1].legend(fontsize=7)
-    else:
-        bar = fig.colorbar(ScalarMappable(Normalize(0, len(layers) - 1), cmap), ax=axes.tolist(), pad=0.01)
-        bar.set_label("layer depth (first to last)")
+    shown = [layer for layer in layers if layer in handles]
+    fig.legend([handles[layer] for layer in shown], shown, loc="outside right upper", fontsize=7, ncols=columns,
+               title="layer", title_fontsize=8)
     return _save(fig, path)
 
 
@@ -148,7 +175,7 @@ def plot_intervention_curves(curves, path=None, title=None):
     """Accuracy against the number of edited neurons: one panel per mode of ``curves`` (``{mode:
     {selection: intervention_curve result}}``), one line per selection."""
     modes = list(curves)
-    fig = _figure(5.2 * len(modes), 4.0)
+    fig = _figure(5.2 * len(modes), 5.0)
     styles = {"top": ("tab:red", "most sensitive"), "random": ("tab:gray", "random"), "bottom": ("tab:blue", "least sensitive")}
     for i, mode in enumerate(modes):
         ax = fig.add_subplot(1, len(modes), i + 1)
@@ -171,5 +198,6 @@ def plot_intervention_curves(curves, path=None, title=None):
         ax.set_ylim(0, 1.02)
         ax.set_title(f"{mode}" + (f" ({title})" if title else ""))
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
+        # Below the axes, so that it hides neither a curve nor the no-intervention lines.
+        ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.16), ncols=2, frameon=False)
     return _save(fig, path)

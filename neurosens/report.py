@@ -170,10 +170,23 @@ class Comparison:
         value = self.means[label][layer]
         return value / base if base > 0 else math.nan
 
+    @property
+    def shared_layers(self):
+        """The layers every report has."""
+        return [layer for layer in self.layers if not any(math.isnan(self.means[label][layer]) for label in self.labels)]
+
+    @property
+    def summary_row(self):
+        """Name of the final row, the mean over :attr:`shared_layers`: ``all layers`` when every
+        report has the same, else ``shared layers (k of n)``, so no model's mean covers layers
+        another's lacks."""
+        shared = len(self.shared_layers)
+        return "all layers" if shared == len(self.layers) else f"shared layers ({shared} of {len(self.layers)})"
+
     def rows(self):
-        """One dict per layer, plus a final ``all layers`` row averaging the layer means."""
+        """One dict per layer, plus a final row averaging the layer means (see :attr:`summary_row`)."""
         out = []
-        for layer in self.layers + ["all layers"]:
+        for layer in self.layers + [self.summary_row]:
             row = {"layer": layer}
             for label in self.labels:
                 row[label] = self.means[label][layer]
@@ -207,13 +220,14 @@ class Comparison:
 def _fmt(value, ratio=False):
     if math.isnan(value):
         return "-"
-    return f"{value:.2f}x" if ratio else f"{value:.4g}"
+    return f"{value:.3g}x" if ratio else f"{value:.4g}"
 
 
 def compare(reports, labels=None):
     """A :class:`Comparison` of per-layer mean sensitivities; ratios are to the first report.
 
-    Reports must share the metric. Layers missing from a report show as NaN (``-`` in markdown).
+    Reports must share the metric. Layers missing from a report show as NaN (``-`` in markdown);
+    the final row averages only the layers all reports have.
     """
     reports, labels = as_reports(reports, labels)
     metrics = {r.meta.get("metric") for r in reports}
@@ -224,6 +238,10 @@ def compare(reports, labels=None):
     for label, report in zip(labels, reports):
         per_layer = report.layer_means()
         means[label] = {layer: per_layer.get(layer, math.nan) for layer in layers}
-        present = [v for v in means[label].values() if not math.isnan(v)]
-        means[label]["all layers"] = sum(present) / len(present)
-    return Comparison(labels, layers, means)
+    table = Comparison(labels, layers, means)
+    shared = table.shared_layers
+    if not shared:
+        raise ValueError(f"compare: the reports have no layer in common ({', '.join(labels)})")
+    for label in labels:
+        means[label][table.summary_row] = sum(means[label][layer] for layer in shared) / len(shared)
+    return table

@@ -94,12 +94,16 @@ def test_compare_means_and_ratios(tmp_path):
     table = compare([base, robust, other], ["standard", "robust", "small"])
     assert isinstance(table, Comparison)
     rows = {row["layer"]: row for row in table.rows()}
-    assert list(rows) == ["conv1", "layer1.0.conv1", "fc", "all layers"]
+    assert list(rows) == ["conv1", "layer1.0.conv1", "fc", "shared layers (1 of 3)"]
     assert rows["fc"]["robust / standard"] == pytest.approx(0.5)
     assert rows["conv1"]["small"] == 1.0 and math.isnan(rows["fc"]["small"])
-    assert rows["all layers"]["standard"] == pytest.approx(sum(base.layer_means().values()) / 3)
+    # Only conv1 is in every report, so the summary of each model averages conv1 alone.
+    assert rows["shared layers (1 of 3)"]["standard"] == pytest.approx(base.layer_means()["conv1"])
+    assert rows["shared layers (1 of 3)"]["small"] == 1.0
+    full = {row["layer"]: row for row in compare([base, robust], ["standard", "robust"]).rows()}
+    assert full["all layers"]["standard"] == pytest.approx(sum(base.layer_means().values()) / 3)
     text = table.to_markdown()
-    assert "| fc |" in text and "0.50x" in text and "| - |" in text
+    assert "| fc |" in text and "0.5x" in text and "| - |" in text
     table.to_csv(tmp_path / "cmp.csv")
     with open(tmp_path / "cmp.csv") as f:
         assert next(csv.reader(f)) == ["layer", "standard", "robust", "small", "robust / standard", "small / standard"]
