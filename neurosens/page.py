@@ -20,9 +20,7 @@ def write_html(path, title, summary, robust, comparison, plots, curve_plot, note
     labels = list(robust)
     columns = [c for c in next(iter(robust.values())) if c != "n"]
     robust_rows = [[label] + [f"{100 * robust[label][c]:.1f}%" for c in columns] for label in labels]
-    comp_rows = comparison.rows()
-    comp_header = list(comp_rows[0])
-    comp_cells = [[row["layer"]] + [f"{row[h]:.4g}" for h in comp_header[1:]] for row in comp_rows]
+    comp_header, comp_cells = comparison.text_rows()
     parts = [
         "<!doctype html><html><head><meta charset='utf-8'>",
         f"<title>{html.escape(title)}</title>",

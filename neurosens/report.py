@@ -195,13 +195,17 @@ class Comparison:
             out.append(row)
         return out
 
-    def to_markdown(self):
+    def text_rows(self):
+        """``(header, rows of strings)`` as tables print them: ``-`` where a model lacks the layer,
+        ratios as ``0.0047x``."""
         rows = self.rows()
         header = list(rows[0])
+        return header, [[row["layer"]] + [_cell(row[h], ratio=" / " in h) for h in header[1:]] for row in rows]
+
+    def to_markdown(self):
+        header, rows = self.text_rows()
         lines = ["| " + " | ".join(header) + " |", "|---" + "|---:" * (len(header) - 1) + "|"]
-        for row in rows:
-            cells = [row["layer"]] + [_fmt(row[h], ratio=" / " in h) for h in header[1:]]
-            lines.append("| " + " | ".join(cells) + " |")
+        lines += ["| " + " | ".join(cells) + " |" for cells in rows]
         return "\n".join(lines)
 
     def to_csv(self, path):
@@ -217,7 +221,7 @@ class Comparison:
         return self.to_markdown()
 
 
-def _fmt(value, ratio=False):
+def _cell(value, ratio=False):
     if math.isnan(value):
         return "-"
     return f"{value:.3g}x" if ratio else f"{value:.4g}"
