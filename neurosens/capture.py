@@ -1,9 +1,10 @@
 """Choose layers of any ``nn.Module`` and see their outputs through forward hooks.
 
 Layers are chosen by exact name (``"layer1.0.conv1"``), glob pattern (``"layer3.*.conv2"``), module
-type (``nn.Conv2d``), a list mixing these, or ``"auto"``. Hooks live only inside a ``with`` block
-and are removed when it exits, also when the forward raises; :func:`eval_mode` likewise gives every
-module back its own train/eval flag.
+type (``nn.Conv2d``), a list mixing these, or ``"auto"``; :class:`NeuronDims` says along which dim
+of each chosen layer's output its neurons lie. Hooks live only inside a ``with`` block and are
+removed when it exits, also when the forward raises; :func:`eval_mode` likewise gives every module
+back its own train/eval flag.
 """
 import contextlib
 import difflib

@@ -148,3 +148,21 @@ def test_sns_takes_a_per_layer_channel_dim_as_measure_does():
         ns.SNSRegularizer(vit, layers=layer, channel_dim={"heads.head": -1})
     with pytest.raises(TypeError, match=r"SNS: channel_dim must be None, an int or a dict"):
         ns.SNSRegularizer(vit, layers=layer, channel_dim="last")
+
+
+def test_interventions_edit_features_along_the_inferred_dim():
+    from neurosens.interventions import intervene
+
+    vit = tiny_vit().eval()
+    x, x_adv, _ = pairs(3)
+    layer = MLP_IN.format(0)
+    with torch.no_grad(), intervene(vit, layer, [40, 63], mode="repair"), ActivationCapture(vit, layer) as cap:
+        vit(torch.cat([x, x_adv]))
+    with torch.no_grad(), ActivationCapture(vit, layer) as plain:
+        vit(torch.cat([x, x_adv]))
+    edited, original = cap.activations[layer], plain.activations[layer]
+    # Features 40 and 63 of every adversarial token now carry the benign values; the rest is untouched.
+    torch.testing.assert_close(edited[3:, :, [40, 63]], original[:3, :, [40, 63]], rtol=0, atol=0)
+    keep = [c for c in range(64) if c not in (40, 63)]
+    torch.testing.assert_close(edited[:, :, keep], original[:, :, keep], rtol=0, atol=0)
+    assert not torch.equal(original[3:, :, 40], original[:3, :, 40])

@@ -36,7 +36,8 @@ def add_arguments(parser):
                         help="layer names, glob patterns (quote them: 'layer3.*.conv2'), module types such as nn.Conv2d, "
                              "or auto (default)")
     parser.add_argument("--auto", choices=sorted(AUTO_KINDS), default="conv_linear",
-                        help="what --layers auto selects: every conv/linear output or every ReLU output (default: conv_linear)")
+                        help="what --layers auto selects: " + "; ".join(f"{k}: {v}" for k, v in AUTO_KINDS.items())
+                             + " (default: conv_linear)")
     parser.add_argument("--metric", choices=METRICS, default="l1", help="distance between benign and adversarial maps (default: l1)")
     parser.add_argument("--relative", action="store_true", help="divide l1/l2 by the benign map's mean absolute value")
     parser.add_argument("--channel-dim", type=int, default=None,
