@@ -185,7 +185,7 @@ def _declared(module):
 
 def _declared_in_place(root, name, module):
     """What ``module`` declares, or, for an activation or dropout inside an ``nn.Sequential``, what
-    the nearest earlier module that changes shape declares (its neurons pass through unchanged)."""
+    the nearest earlier sibling that is neither declares (its neurons pass through unchanged)."""
     own = _declared(module)
     if own is not None or not isinstance(module, _SHAPE_PRESERVING):
         return own

@@ -65,10 +65,9 @@ class SNSLoss:
     ``adv_examples="correct"`` keeps in the adversarial cross-entropy only the examples the model
     classifies right on the benign input. With ``lam=0``, ``clean_weight=0`` and all examples no
     benign forward is needed, and a step is exactly a PGD-AT step. ``forward="joint"`` (the
-    default) runs the benign and adversarial batches as one forward of ``[x; x_adv]``, so BatchNorm
-    updates its running statistics once per step and normalizes both halves with the same batch
-    statistics; ``"separate"`` runs two forwards (two updates, each half normalized on its own).
-    The options are an :class:`~neurosens.sns.SNSConfig`, or its fields as keywords.
+    default) runs the benign and adversarial batches as one forward of ``[x; x_adv]``,
+    ``"separate"`` as two; :mod:`neurosens.sns` says what each means for BatchNorm. The options
+    are an :class:`~neurosens.sns.SNSConfig`, or its fields as keywords.
     """
 
     def __init__(self, model, config=None, **options):
