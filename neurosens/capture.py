@@ -99,7 +99,7 @@ def _match_one(spec, named, auto, model_name):
             raise ValueError(f"auto={auto!r} is unknown; expected one of {', '.join(map(repr, AUTO_KINDS))}")
         found = _auto(named, auto)
         if not found:
-            raise ValueError(f"layers='auto' (auto={auto!r}): {model_name} has none of {AUTO_KINDS[auto]}")
+            raise ValueError(f"layers='auto' (auto={auto!r}: {AUTO_KINDS[auto]}) selects nothing in {model_name}")
         return found
     if _GLOB_CHARS & set(spec):
         found = [name for name in named if fnmatch.fnmatchcase(name, spec)]

@@ -98,7 +98,8 @@ def test_presets_for_activations_mlp_units_and_blocks():
     net = nn.Sequential(nn.Linear(3, 4), nn.SiLU(), nn.Linear(4, 4), nn.Hardswish(), nn.ReLU6(), nn.Linear(4, 2))
     assert list(select_layers(net, "auto", auto="activations")) == ["1", "3", "4"]
     assert list(select_layers(net, "auto", auto="relu")) == ["4"]
-    with pytest.raises(ValueError, match=r"auto='blocks'.*Sequential has none of each transformer block"):
+    with pytest.raises(ValueError, match=r"layers='auto' \(auto='blocks': each transformer block's output, the residual "
+                                         r"stream\) selects nothing in Sequential"):
         select_layers(net, "auto", auto="blocks")
     x, x_adv, _ = pairs(4)
     report = ns.measure(vit, [(x, x_adv)], layers="auto", auto="blocks", progress=False)
