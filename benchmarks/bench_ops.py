@@ -199,8 +199,9 @@ def git_commit():
     here = os.path.dirname(os.path.abspath(__file__))
     try:
         commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here, capture_output=True,
-                               text=True, check=True).stdout.strip()
+        # Results written by an earlier run of the same code do not make the code differ.
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", ".", ":!benchmarks/results"],
+                               cwd=os.path.dirname(here), capture_output=True, text=True, check=True).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return "unknown (not a git checkout)"
     return commit + ("+changes" if dirty else "")
@@ -239,8 +240,12 @@ def main():
     parser.add_argument("--keep-freed-memory", action="store_true",
                         help="tune glibc malloc as the neurosens command does (neurosens.cpu_memory); "
                              "peak memory is still measured with the default allocator")
+    parser.add_argument("--threads", type=int, help="CPU threads (on a busy machine, 1 keeps the small shapes from "
+                                                     "waiting on a descheduled worker thread)")
     parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     if args.keep_freed_memory:
         from neurosens.cpu_memory import keep_freed_memory
 
@@ -276,7 +281,8 @@ def main():
     env = environment(device) | {"dtype": args.dtype, "repeats": args.repeats, "copy_bandwidth_gb_s": copy_bw / 1e9,
                                  "keep_freed_memory": args.keep_freed_memory}
     os.makedirs(args.out, exist_ok=True)
-    stem = os.path.join(args.out, f"ops_{device.type}_{args.dtype}" + ("_kept" if args.keep_freed_memory else ""))
+    stem = os.path.join(args.out, f"ops_{device.type}_{args.dtype}" + ("_kept" if args.keep_freed_memory else "")
+                        + (f"_{args.threads}thread" if args.threads else ""))
     with open(stem + ".json", "w") as f:
         json.dump({"environment": env, "results": rows}, f, indent=2)
     table = markdown(rows)
