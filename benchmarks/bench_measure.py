@@ -319,9 +319,9 @@ def main():
         memory_child(args)
         return
 
+    env = environment("cpu")  # before the run, so files written meanwhile cannot change the recorded commit
     memory = run_memory(args)
     speed = run_speed(args) if args.images > 0 else None
-    env = environment("cpu")
     os.makedirs(args.out, exist_ok=True)
     stem = os.path.join(args.out, "measure_cpu")
     with open(stem + ".json", "w") as f:
