@@ -11,9 +11,13 @@ speed: a CIFAR ResNet-18 (every Conv2d, 32x32 synthetic images, adversarial inpu
       ((a - b).abs().mean over each map, summed over the batch), per batch;
     * forward only / two forwards: the bare forward of [x; x_adv], and of x then x_adv, with no
       hooks: the floor of each. What a measurement adds to its own floor is its real cost.
-  Both measurements are checked to agree.
+  Both measurements are checked to agree. The variants run interleaved, in rounds; after each
+  round from --repeats on, the paired per-round ratios (stored / streaming, and streaming over
+  its forward-only floor) get a 95% confidence interval, and the rounds go on until each interval
+  excludes 1 or --max-repeats is reached, in which case the result says it cannot tell.
 
-Writes JSON and a markdown table to benchmarks/results/.
+Writes JSON and a markdown table, with the git commit, machine, torch version and command, to
+benchmarks/results/.
 
     python benchmarks/bench_measure.py                       # the full run
     python benchmarks/bench_measure.py --images 512 --samples 1000 2000   # a quick one
@@ -21,7 +25,7 @@ Writes JSON and a markdown table to benchmarks/results/.
 import argparse
 import json
 import os
-import platform
+import statistics
 import subprocess
 import sys
 import time
@@ -29,8 +33,7 @@ import time
 import torch
 from torch import nn
 
-import neurosens
-from neurosens.extension import info
+from bench_ops import environment, header
 from neurosens.sensitivity import NeuronSensitivity
 
 EPS = 8 / 255
@@ -174,6 +177,33 @@ def run_memory(args):
     return rows
 
 
+# Two-sided 95% quantiles of Student's t for 1..10 degrees of freedom; 2.0 beyond is close enough.
+T95 = [12.71, 4.30, 3.18, 2.78, 2.57, 2.45, 2.36, 2.31, 2.26, 2.23]
+
+
+def paired_ratio(numerator, denominator):
+    """Mean of the per-round ratios and its 95% confidence interval (None below two rounds)."""
+    ratios = [n / d for n, d in zip(numerator, denominator)]
+    mean = statistics.fmean(ratios)
+    if len(ratios) < 2:
+        return {"rounds": len(ratios), "ratio": mean, "ci95": None}
+    half = (T95[len(ratios) - 2] if len(ratios) - 1 <= len(T95) else 2.0) * statistics.stdev(ratios) / len(ratios) ** 0.5
+    return {"rounds": len(ratios), "ratio": mean, "ci95": [mean - half, mean + half]}
+
+
+def told(comparison):
+    return comparison["ci95"] is not None and not comparison["ci95"][0] <= 1.0 <= comparison["ci95"][1]
+
+
+def verdict(comparison, slower, faster):
+    """What a ratio slower/faster says, or that the rounds could not tell the two apart."""
+    lo, hi = comparison["ci95"] or (float("nan"), float("nan"))
+    text = f"{comparison['ratio']:.3f} (95% CI {lo:.3f}-{hi:.3f}, {comparison['rounds']} rounds)"
+    if not told(comparison):
+        return f"cannot tell {faster} from {slower}: {text} includes 1"
+    return f"{faster} is faster: {text}" if comparison["ratio"] > 1 else f"{slower} is faster: {text}"
+
+
 def run_speed(args):
     from neurosens.models import build_model
 
@@ -211,12 +241,20 @@ def run_speed(args):
         meter.update(warm_x, warm_adv)
         stored.update(warm_x, warm_adv)
     times = {name: [] for name in variants}
-    for _ in range(args.repeats):  # interleaved, so a busy moment on a shared machine hits all three alike
+    pairs = {"stored / streaming": ("stored", "streaming"), "streaming / forward only": ("streaming", "forward only")}
+    while True:  # interleaved, so a busy moment on a shared machine hits every variant alike
         for name, fn in variants.items():
             start = time.perf_counter()
             fn()
             times[name].append(time.perf_counter() - start)
             print(f"speed  {name:12s} {args.images} images: {times[name][-1]:7.2f} s", flush=True)
+        comparisons = {key: paired_ratio(times[n], times[d]) for key, (n, d) in pairs.items()}
+        rounds = len(times["streaming"])
+        if rounds >= args.max_repeats or (rounds >= args.repeats and all(map(told, comparisons.values()))):
+            break
+    for key, (n, d) in pairs.items():
+        comparisons[key]["verdict"] = verdict(comparisons[key], n, d)
+        print(f"speed  {key}: {comparisons[key]['verdict']}", flush=True)
     best = {name: min(t) for name, t in times.items()}
     report = meter.compute()
     expected = stored.means()
@@ -230,21 +268,11 @@ def run_speed(args):
         "seconds": best,
         "all_seconds": times,
         "speedup": best["stored"] / best["streaming"],
+        "comparisons": comparisons,
         # What each measurement adds to its own forward passes: [x; x_adv] at once, or x then x_adv.
         "overhead_seconds": {"streaming": best["streaming"] - best["forward only"], "stored": best["stored"] - best["two forwards"]},
         "max_relative_difference": max_rel,
     }
-
-
-def cpu_name():
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def markdown(memory, speed):
@@ -266,7 +294,9 @@ def markdown(memory, speed):
             f"End to end, stored / streaming = {speed['speedup']:.2f}. Above their own forward passes, streaming adds "
             f"{o['streaming']:.2f} s ([x; x_adv] at once) and stored adds {o['stored']:.2f} s (x, then x_adv). "
             f"The two measurements agree to {speed['max_relative_difference']:.1e} relative.",
+            "",
         ]
+        lines += [f"Per-round ratio {key}: {c['verdict']}." for key, c in speed["comparisons"].items()]
     return "\n".join(lines) + "\n"
 
 
@@ -279,7 +309,8 @@ def main():
     parser.add_argument("--cifar-arch", default="resnet18")
     parser.add_argument("--images", type=int, default=4096, help="synthetic 32x32 images for the speed benchmark (0 skips it)")
     parser.add_argument("--batch", type=int, default=128)
-    parser.add_argument("--repeats", type=int, default=1)
+    parser.add_argument("--repeats", type=int, default=3, help="speed rounds at least")
+    parser.add_argument("--max-repeats", type=int, default=10, help="speed rounds at most, while the ratios stay within noise")
     parser.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
     parser.add_argument("--memory-child", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--method", default="streaming", choices=["streaming", "stored"], help=argparse.SUPPRESS)
@@ -288,23 +319,16 @@ def main():
         memory_child(args)
         return
 
+    env = environment("cpu")  # before the run, so files written meanwhile cannot change the recorded commit
     memory = run_memory(args)
     speed = run_speed(args) if args.images > 0 else None
-    env = {
-        "device": cpu_name(),
-        "threads": torch.get_num_threads(),
-        "torch": torch.__version__,
-        "neurosens": neurosens.__version__,
-        "backend": info(),
-        "command": " ".join(["python", "benchmarks/bench_measure.py"] + sys.argv[1:]),
-    }
     os.makedirs(args.out, exist_ok=True)
     stem = os.path.join(args.out, "measure_cpu")
     with open(stem + ".json", "w") as f:
         json.dump({"environment": env, "memory": memory, "speed": speed}, f, indent=2)
     table = markdown(memory, speed)
     with open(stem + ".md", "w") as f:
-        f.write(f"Device: {env['device']} ({env['threads']} threads), torch {env['torch']}, float32\n\n{table}")
+        f.write(f"{header(env)}\n\nfloat32\n\n{table}")
     print(table)
 
 

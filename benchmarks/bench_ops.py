@@ -1,13 +1,19 @@
-"""Fused ops against the eager reference, torch.compile of the reference, and the read floor.
+"""Fused ops against the best straightforward eager PyTorch, its torch.compile, and the read floor.
 
 For each activation shape (CIFAR ResNet-18 and MNIST CNN layers at batch 128) it times
   * neuron_topk (forward): one pass over a and b, then top-k of the per-neuron means;
-  * stabilize forward + backward: the SNS loss and both input gradients;
+  * stabilize forward + backward: the SNS loss (l1) and both input gradients;
 and the floor: reading a and b once (a.sum(); b.sum()) for the forward, plus reading them again
-and writing two gradients for the forward + backward. The device's copy bandwidth (one large
-tensor copied into another) is measured once; each fused op's bytes moved over its time is given
-as a fraction of it. Times are medians after warm-up; the ratios are what to compare across
-machines. Writes JSON and a markdown table to benchmarks/results/.
+and writing two gradients for the forward + backward. The baselines are written here, as one
+would by hand: one pass of per-sample, per-neuron distances, from which the top-k is selected
+and (for stabilize) the loss taken, so nothing is computed twice. "compiled" is torch.compile of
+that same code, built afresh for each shape with static shapes (dynamic=False), so every shape
+gets its own best code. The variants of a shape run interleaved (one call of each in turn), so
+a busy moment on the machine hits them alike. The device's copy bandwidth (one large tensor
+copied into another) is measured once; each fused op's bytes moved over its time is given as a
+fraction of it. Times are medians after warm-up; the ratios are what to compare across machines.
+Writes JSON and a markdown table, with the git commit, machine, torch version and command, to
+benchmarks/results/.
 
     python benchmarks/bench_ops.py                 # CPU, float32
     python benchmarks/bench_ops.py --keep-freed-memory   # CPU, glibc keeps freed blocks (as the CLI does)
@@ -25,7 +31,7 @@ import time
 import torch
 
 import neurosens
-from neurosens import extension, ops, reference
+from neurosens import ops
 
 SHAPES = [(128, 64, 32, 32), (128, 256, 8, 8), (128, 512, 4, 4), (128, 200)]
 LARGE_SHAPES = [(256, 256, 56, 56)]
@@ -33,17 +39,24 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 
 def timed(fn, device, repeats, warmup=3):
-    for _ in range(warmup):
-        fn()
+    return timed_interleaved({"fn": fn}, device, repeats, warmup)["fn"]
+
+
+def timed_interleaved(fns, device, repeats, warmup=3):
+    """Median seconds of each function, timed one call of each in turn."""
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    times = []
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    times = {name: [] for name in fns}
     for _ in range(repeats):
-        sync()
-        start = time.perf_counter()
-        fn()
-        sync()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+        for name, fn in fns.items():
+            sync()
+            start = time.perf_counter()
+            fn()
+            sync()
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(t) for name, t in times.items()}
 
 
 def copy_bandwidth(device, repeats, nbytes=1 << 30):
@@ -60,12 +73,35 @@ def make_inputs(shape, dtype, device):
     return a, b
 
 
+def eager_distances(a, b):
+    """[N, C] mean absolute difference of each neuron's map, accumulated in float32."""
+    diff = (a.float() - b.float()).abs()
+    return diff.flatten(2).mean(2) if diff.dim() > 2 else diff
+
+
+def eager_topk(a, b, k):
+    return torch.topk(eager_distances(a, b).mean(0), k)
+
+
+def eager_stabilize(a, b, k):
+    """The SNS l1 term in one pass: the same distances select the neurons and give the loss."""
+    dist = eager_distances(a, b)
+    picked = torch.topk(dist.detach().mean(0), k).indices
+    return dist[:, picked].mean()
+
+
+def compiled_fresh(fn):
+    """torch.compile with static shapes and no cache carried over from another shape."""
+    torch._dynamo.reset()
+    return torch.compile(fn, dynamic=False)
+
+
 def topk_variants(a, b, k):
-    compiled = torch.compile(reference.neuron_topk)
+    compiled = compiled_fresh(eager_topk)
     return {
         "floor": lambda: (a.sum(), b.sum()),
         "fused": lambda: ops.neuron_topk(a, b, k),
-        "eager": lambda: reference.neuron_topk(a, b, k),
+        "eager": lambda: eager_topk(a, b, k),
         "compiled": lambda: compiled(a, b, k),
     }
 
@@ -73,35 +109,40 @@ def topk_variants(a, b, k):
 def stabilize_variants(a, b, k):
     ga, gb = torch.empty_like(a), torch.empty_like(b)
     xa, xb = a.clone().requires_grad_(), b.clone().requires_grad_()
+    compiled_loss = compiled_fresh(eager_stabilize)
 
-    def fused():
-        ops.stabilize(xa, xb, k=k).backward()
-        xa.grad = xb.grad = None
-
-    def eager():
-        reference.stabilize(xa, xb, k=k)[0].backward()
-        xa.grad = xb.grad = None
-
-    compiled_loss = torch.compile(lambda x, y: reference.stabilize(x, y, k=k)[0])
-
-    def compiled():
-        compiled_loss(xa, xb).backward()
-        xa.grad = xb.grad = None
+    def backward_of(loss_fn):
+        def run():
+            loss_fn(xa, xb, k).backward()
+            xa.grad = xb.grad = None
+        return run
 
     def floor():
         a.sum(), b.sum()
         ga.copy_(a)
         gb.copy_(b)
 
-    return {"floor": floor, "fused": fused, "eager": eager, "compiled": compiled}
+    return {"floor": floor, "fused": backward_of(lambda x, y, k: ops.stabilize(x, y, k=k)),
+            "eager": backward_of(eager_stabilize), "compiled": backward_of(compiled_loss)}
+
+
+def check_baselines(a, b, k):
+    """The baselines compute what the fused ops do (same loss, same neurons)."""
+    xa, xb = a.float().requires_grad_(), b.float().requires_grad_()
+    fused, picked = ops.stabilize(xa, xb, k=k, return_indices=True)
+    eager = eager_stabilize(xa, xb, k)
+    torch.testing.assert_close(eager, fused.to(eager.dtype), rtol=1e-4, atol=1e-6)
+    assert sorted(eager_topk(a, b, k).indices.tolist()) == sorted(picked.tolist())
 
 
 PEAK_SCRIPT = r"""
 import sys, torch
-from neurosens import ops, reference
+sys.path.insert(0, sys.argv[4])
+from bench_ops import eager_topk
+from neurosens import ops
 shape = tuple(int(s) for s in sys.argv[1].split(","))
 dtype = getattr(torch, sys.argv[2])
-fn = {"fused": ops.neuron_topk, "eager": reference.neuron_topk}[sys.argv[3]]
+fn = {"fused": ops.neuron_topk, "eager": eager_topk}[sys.argv[3]]
 a = torch.randn(shape).to(dtype); b = a + 0.1
 k = max(1, shape[1] // 10)
 fn(a, b, k)  # warm-up: code pages, thread pool
@@ -123,7 +164,7 @@ def peak_extra_bytes(shape, dtype_name, variant, device):
     """Peak memory the op allocates on top of its inputs (CPU: resident set; CUDA: allocator)."""
     if device.type == "cuda":
         a, b = make_inputs(shape, DTYPES[dtype_name], device)
-        fn = {"fused": ops.neuron_topk, "eager": reference.neuron_topk}[variant]
+        fn = {"fused": ops.neuron_topk, "eager": eager_topk}[variant]
         k = max(1, shape[1] // 10)
         fn(a, b, k)
         torch.cuda.synchronize()
@@ -135,7 +176,8 @@ def peak_extra_bytes(shape, dtype_name, variant, device):
     if not os.path.exists("/proc/self/clear_refs"):
         return None
     out = subprocess.run(
-        [sys.executable, "-c", PEAK_SCRIPT, ",".join(map(str, shape)), dtype_name, variant],
+        [sys.executable, "-c", PEAK_SCRIPT, ",".join(map(str, shape)), dtype_name, variant,
+         os.path.dirname(os.path.abspath(__file__))],
         capture_output=True, text=True, check=True,
     )
     return int(out.stdout.strip())
@@ -152,6 +194,43 @@ def cpu_name():
     return platform.processor() or platform.machine()
 
 
+def git_commit():
+    """The checkout's commit, with "+changes" when the working tree differs from it."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, check=True).stdout.strip()
+        # Results written by an earlier run of the same code do not make the code differ.
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", ".", ":!benchmarks/results"],
+                               cwd=os.path.dirname(here), capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown (not a git checkout)"
+    return commit + ("+changes" if dirty else "")
+
+
+def environment(device, argv=None):
+    """What a result depends on: code, machine, library versions and the command that made it."""
+    device = torch.device(device)
+    return {
+        "git_commit": git_commit(),
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name(),
+        "cpu": cpu_name(),
+        "cpu_cores": os.cpu_count(),
+        "threads": torch.get_num_threads(),
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "neurosens": neurosens.__version__,
+        "backend": neurosens.info(),
+        "command": " ".join(["python", os.path.relpath(os.path.abspath(sys.argv[0]))] + list(sys.argv[1:] if argv is None else argv)),
+    }
+
+
+def header(env):
+    return (f"Device: {env['device']} ({env['cpu_cores']} cores, {env['threads']} threads), torch {env['torch']}, "
+            f"commit {env['git_commit'][:12]}{'+changes' if env['git_commit'].endswith('+changes') else ''}; "
+            f"`{env['command']}`")
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cpu")
@@ -161,8 +240,12 @@ def main():
     parser.add_argument("--keep-freed-memory", action="store_true",
                         help="tune glibc malloc as the neurosens command does (neurosens.cpu_memory); "
                              "peak memory is still measured with the default allocator")
+    parser.add_argument("--threads", type=int, help="CPU threads (on a busy machine, 1 keeps the small shapes from "
+                                                     "waiting on a descheduled worker thread)")
     parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     if args.keep_freed_memory:
         from neurosens.cpu_memory import keep_freed_memory
 
@@ -176,8 +259,9 @@ def main():
     for shape in SHAPES + (LARGE_SHAPES if args.large else []):
         a, b = make_inputs(shape, dtype, device)
         k = max(1, shape[1] // 10)
-        for op, variants in (("neuron_topk", topk_variants(a, b, k)), ("stabilize fwd+bwd", stabilize_variants(a, b, k))):
-            times = {name: timed(fn, device, args.repeats) for name, fn in variants.items()}
+        check_baselines(a, b, k)
+        for op, make in (("neuron_topk", topk_variants), ("stabilize fwd+bwd", stabilize_variants)):
+            times = timed_interleaved(make(a, b, k), device, args.repeats)
             row = {"op": op, "shape": list(shape), "dtype": args.dtype, "input_mb": 2 * a.numel() * a.element_size() / 2**20}
             row.update({f"{name}_ms": t * 1e3 for name, t in times.items()})
             row["fused_vs_floor"] = times["fused"] / times["floor"]
@@ -194,25 +278,17 @@ def main():
             print(f"{op:18s} {str(list(shape)):18s} fused {times['fused']*1e3:8.2f} ms  floor {times['floor']*1e3:8.2f} ms  "
                   f"eager {times['eager']*1e3:8.2f} ms  compiled {times['compiled']*1e3:8.2f} ms", flush=True)
 
-    env = {
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name(),
-        "threads": torch.get_num_threads(),
-        "copy_bandwidth_gb_s": copy_bw / 1e9,
-        "torch": torch.__version__,
-        "neurosens": neurosens.__version__,
-        "backend": extension.info(),
-        "keep_freed_memory": args.keep_freed_memory,
-        "command": " ".join([os.path.basename(sys.executable)] + sys.argv),
-    }
+    env = environment(device) | {"dtype": args.dtype, "repeats": args.repeats, "copy_bandwidth_gb_s": copy_bw / 1e9,
+                                 "keep_freed_memory": args.keep_freed_memory}
     os.makedirs(args.out, exist_ok=True)
-    stem = os.path.join(args.out, f"ops_{device.type}_{args.dtype}" + ("_kept" if args.keep_freed_memory else ""))
+    stem = os.path.join(args.out, f"ops_{device.type}_{args.dtype}" + ("_kept" if args.keep_freed_memory else "")
+                        + (f"_{args.threads}thread" if args.threads else ""))
     with open(stem + ".json", "w") as f:
         json.dump({"environment": env, "results": rows}, f, indent=2)
     table = markdown(rows)
     with open(stem + ".md", "w") as f:
-        f.write(f"Device: {env['device']} ({env['threads']} threads), torch {env['torch']}, {args.dtype}"
-                + (", freed memory kept" if args.keep_freed_memory else "")
-                + f"; copy bandwidth {copy_bw / 1e9:.1f} GB/s\n\n{table}")
+        f.write(f"{header(env)}\n\n{args.dtype}" + (", freed memory kept" if args.keep_freed_memory else "")
+                + f"; median of {args.repeats} interleaved runs; copy bandwidth {copy_bw / 1e9:.1f} GB/s\n\n{table}")
     print(table)
 
 

@@ -10,7 +10,8 @@ machine noise hits all of them alike:
     stabilize term and its gradient);
   * sns_detached: the same with the benign side detached (its forward runs without a graph).
 Each backend (the fused extension, then the pure-PyTorch fallback in a subprocess with
-NEUROSENS_NO_EXT=1) is one run. Writes JSON and a markdown table to benchmarks/results/.
+NEUROSENS_NO_EXT=1) is one run. Writes JSON and a markdown table, with the git commit, machine,
+torch version and command, to benchmarks/results/.
 
     python benchmarks/bench_sns_step.py
     python benchmarks/bench_sns_step.py --keep-freed-memory   # as the neurosens command runs
@@ -26,7 +27,7 @@ import time
 
 import torch
 
-from bench_ops import cpu_name
+from bench_ops import environment, header
 
 MODELS = {
     "small-cnn (MNIST)": {"spec": {"name": "small-cnn", "num_classes": 10, "in_channels": 1, "input_size": 28}, "eps": 0.3},
@@ -140,19 +141,14 @@ def main():
                   + "  ".join(f"{v} {t:8.1f} ms" for v, t in r["ms"].items())
                   + f"  sns/pgd_at {r['sns_over_pgd_at']:.3f}  two_graphs/pgd_at {r['two_graphs_over_pgd_at']:.3f}  detached/pgd_at {r['sns_detached_over_pgd_at']:.3f}", flush=True)
 
-    import neurosens
-
-    env = {"device": torch.cuda.get_device_name(0) if args.device.startswith("cuda") else cpu_name(),
-           "threads": args.threads or torch.get_num_threads(), "torch": torch.__version__,
-           "neurosens": neurosens.__version__, "pgd_steps": args.pgd_steps, "amp": args.amp,
-           "keep_freed_memory": args.keep_freed_memory,
-           "command": " ".join(["python", os.path.relpath(__file__)] + sys.argv[1:])}
+    env = environment(args.device) | {"threads": args.threads or torch.get_num_threads(), "pgd_steps": args.pgd_steps,
+                                      "amp": args.amp, "keep_freed_memory": args.keep_freed_memory}
     os.makedirs(args.out, exist_ok=True)
     stem = os.path.join(args.out, f"sns_step_{torch.device(args.device).type}" + ("_kept" if args.keep_freed_memory else ""))
     with open(stem + ".json", "w") as f:
         json.dump({"environment": env, "results": results}, f, indent=2)
-    lines = [f"Device: {env['device']} ({env['threads']} threads), torch {env['torch']}, PGD-{args.pgd_steps}"
-             + (", bf16 autocast" if args.amp else "") + (", freed memory kept" if args.keep_freed_memory else ""), "",
+    lines = [header(env), "", f"PGD-{args.pgd_steps}" + (", bf16 autocast" if args.amp else "")
+             + (", freed memory kept" if args.keep_freed_memory else "") + f"; median of {args.rounds} interleaved rounds", "",
              "| backend | model | batch | PGD-AT ms | two graphs ms | SNS ms | SNS detached ms | two graphs / PGD-AT "
              "| SNS / PGD-AT | detached / PGD-AT |",
              "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]

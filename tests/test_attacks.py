@@ -102,6 +102,7 @@ def test_more_steps_and_restarts_never_help_the_model(digits):
 def test_targeted_pgd_reaches_the_target(digits):
     model, x, y = digits
     target = (y + 3) % 10
+    torch.manual_seed(0)  # the random start
     x_adv = PGD(model, 0.3, alpha=0.03, steps=30, targeted=True)(x, y, target=target)
     with torch.no_grad():
         hit = (model(x_adv).argmax(1) == target).float().mean().item()
@@ -122,6 +123,34 @@ def test_project_l2_and_linf():
     far = x + torch.tensor([0.4, -0.4, 0.4, -0.4]).view(1, 1, 2, 2)
     assert (project(far, x, 0.1, "linf") - x).abs().max().item() == pytest.approx(0.1)
     assert (project(far, x, 0.2, "l2") - x).flatten(1).norm(dim=1).tolist() == pytest.approx([0.2, 0.2])
+
+
+def test_project_l2_leaves_points_inside_the_ball_alone():
+    gen = torch.Generator().manual_seed(0)
+    x = 0.25 + 0.5 * torch.rand(6, 1, 4, 4, generator=gen)
+    direction = torch.randn(x.shape, generator=gen)
+    direction /= direction.flatten(1).norm(dim=1).view(-1, 1, 1, 1)
+    radius = torch.tensor([0.0, 0.05, 0.1, 0.15, 0.19, 0.3]).view(-1, 1, 1, 1)
+    x_adv = x + radius * direction  # within 0.15 of x per pixel, so the box never clips
+    got = project(x_adv, x, 0.2, "l2")
+    torch.testing.assert_close(got[:5], x_adv[:5], rtol=0, atol=1e-7)
+    torch.testing.assert_close(got[5], x[5] + 0.2 * direction[5])
+
+
+def test_one_l2_pgd_step_without_random_start_moves_alpha_along_the_gradient():
+    """On a linear softmax model the CE gradient is (softmax - onehot) @ W, so one step of size
+    alpha < eps is x + alpha * g / ||g||, left where it lands."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(16, 3))
+    x = 0.4 + 0.2 * torch.rand(5, 1, 4, 4)
+    y = torch.tensor([0, 1, 2, 0, 1])
+    with torch.no_grad():
+        p = F.softmax(model(x), 1)
+        grad = ((p - F.one_hot(y, 3).float()) @ model[1].weight).view_as(x)
+    expected = x + 0.05 * grad / grad.flatten(1).norm(dim=1).view(-1, 1, 1, 1)
+    got = PGD(model, eps=0.5, alpha=0.05, steps=1, norm="l2", random_start=False)(x, y)
+    torch.testing.assert_close(got, expected)
+    assert (got - x).flatten(1).norm(dim=1).tolist() == pytest.approx([0.05] * 5)
 
 
 class ModeProbe(nn.Module):

@@ -96,3 +96,65 @@ def test_hooks_are_removed_when_the_forward_raises():
 def test_bad_options(call, message):
     with pytest.raises(ValueError, match=message):
         call(net())
+
+
+SENSITIVITY = torch.tensor([0.3, 0.9, 0.1, 0.5, 0.7, 0.2, 0.8, 0.4])
+MOST_FIRST = [1, 6, 4, 3, 7, 0, 5, 2]  # the order of SENSITIVITY, largest first
+
+
+def decisive_net():
+    """net()'s shape with no hidden biases and a unit-normal head, so that every hidden unit sways
+    the prediction (net() predicts one class whatever its hidden layer does)."""
+    model = net()
+    with torch.no_grad():
+        model[3].bias.zero_()
+        model[5].weight.normal_(generator=torch.Generator().manual_seed(1))
+        model[5].bias.zero_()
+    return model
+
+
+def hand_accuracies(model, x, x_adv, y, neurons, mode):
+    """Benign and adversarial accuracy with neurons of layer "3" (the 8-unit hidden layer) edited by hand."""
+    with torch.no_grad():
+        benign, adversarial = model[:4](x), model[:4](x_adv)
+        neurons = list(neurons)
+        if mode == "zero":
+            benign[:, neurons] = 0
+            adversarial[:, neurons] = 0
+        else:
+            adversarial[:, neurons] = benign[:, neurons]
+        head = model[4:]
+        return [(head(h).argmax(1) == y).double().mean().item() for h in (benign, adversarial)]
+
+
+@pytest.mark.parametrize("mode", ["zero", "repair"])
+def test_curves_of_every_selection_match_hand_edits(mode):
+    model = decisive_net()
+    gen = torch.Generator().manual_seed(3)
+    x = torch.rand(60, 1, 5, 5, generator=gen)
+    x_adv = (x + 0.3 * torch.randn(x.shape, generator=gen)).clamp(0, 1)
+    with torch.no_grad():
+        y = model(x).argmax(1)
+    batches = [(x[:25], x_adv[:25], y[:25]), (x[25:], x_adv[25:], y[25:])]
+    report = SensitivityReport({"0": torch.rand(6, generator=gen), "3": SENSITIVITY})
+    ks = (1, 3, 6)
+    expected = {
+        "top": [hand_accuracies(model, x, x_adv, y, MOST_FIRST[:k], mode) for k in ks],
+        "bottom": [hand_accuracies(model, x, x_adv, y, MOST_FIRST[::-1][:k], mode) for k in ks],
+    }
+    draws = {k: [hand_accuracies(model, x, x_adv, y, torch.randperm(8, generator=torch.Generator().manual_seed(s))[:k].tolist(), mode)
+                 for s in range(3)] for k in ks}
+    expected["random"] = [torch.tensor(draws[k], dtype=torch.float64).mean(0).tolist() for k in ks]
+    curves = [expected[s] for s in ("top", "bottom", "random")]
+    assert all(a != b for i, a in enumerate(curves) for b in curves[i + 1:]), "the selections must give different curves"
+    baseline = hand_accuracies(model, x, x_adv, y, [], mode)
+    for selection, values in expected.items():
+        curve = intervention_curve(model, batches, "3", report, ks=ks, selection=selection, mode=mode, seeds=3, progress=False)
+        assert curve["k"] == list(ks)
+        assert curve["baseline"] == pytest.approx(tuple(baseline))
+        assert curve["benign"] == pytest.approx([v[0] for v in values]), selection
+        assert curve["adversarial"] == pytest.approx([v[1] for v in values]), selection
+        if selection == "random":
+            spread = [torch.tensor(draws[k], dtype=torch.float64).std(0, unbiased=False).tolist() for k in ks]
+            assert curve["benign_std"] == pytest.approx([s[0] for s in spread])
+            assert curve["adversarial_std"] == pytest.approx([s[1] for s in spread])

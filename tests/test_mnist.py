@@ -1,12 +1,24 @@
-"""The real MNIST files (`make test` fetches them): sizes, label counts and pixel statistics."""
+"""The real MNIST files (`make test` fetches them): sizes, label counts and pixel statistics.
+
+The data root is $NEUROSENS_DATA, else the repository's data/ folder, wherever pytest runs from.
+Missing files skip these tests on a developer's machine, but fail them under CI (which fetches
+them first) or once `make test` has marked them fetched (data/mnist/.fetched)."""
+import os
+from pathlib import Path
+
 import pytest
 import torch
 
 from neurosens import data
 
+ROOT = Path(os.environ.get(data.ROOT_ENV) or Path(__file__).resolve().parent.parent / "data")
+MUST_EXIST = os.environ.get("CI", "").lower() in ("1", "true", "yes") or (ROOT / "mnist" / ".fetched").exists()
+
 try:
-    TRAIN, TEST = data.mnist(train=True), data.mnist(train=False)
+    TRAIN, TEST = data.mnist(train=True, root=ROOT), data.mnist(train=False, root=ROOT)
 except FileNotFoundError as missing:
+    if MUST_EXIST:
+        pytest.fail(f"MNIST should be under {ROOT} but is not: {missing}", pytrace=False)
     pytest.skip(f"MNIST is not fetched ({missing}); run `neurosens data fetch mnist`", allow_module_level=True)
 
 # Published per-class counts of the MNIST training and test sets.

@@ -167,3 +167,94 @@ def test_layer_run_three_times_is_an_error():
         net(x)
     with pytest.raises(RuntimeError, match="ran 3 times"):
         reg.loss()
+
+
+def hand_distance(a, b, metric):
+    """[N, C] distance of each neuron's map, written out from the definitions (float64)."""
+    A = a.double().flatten(2) if a.dim() > 2 else a.double()[..., None]
+    B = b.double().flatten(2) if b.dim() > 2 else b.double()[..., None]
+    D = A.shape[-1]
+    if metric == "l1":
+        return (A - B).abs().sum(-1) / D
+    if metric == "l2":
+        return ((A - B) ** 2).sum(-1).sqrt() / D
+    return 1 - (A * B).sum(-1) / (A.pow(2).sum(-1).sqrt() * B.pow(2).sum(-1).sqrt())
+
+
+def hand_topk(a, b, k, metric="l1"):
+    """Indices of the k neurons with the largest mean distance; asserts the k-th is not tied."""
+    mean = hand_distance(a.detach(), b.detach(), metric).mean(0)
+    order = sorted(range(len(mean)), key=lambda c: -mean[c].item())
+    if k < len(mean):
+        assert mean[order[k - 1]] - mean[order[k]] > 1e-9, "the test data must not tie at the k-th neuron"
+    return torch.tensor(order[:k])
+
+
+def captured(net, layers, *inputs):
+    acts = {name: [] for name in layers}
+    modules = dict(net.named_modules())
+    hooks = [modules[n].register_forward_hook(lambda m, i, o, n=n: acts[n].append(o)) for n in layers]
+    try:
+        for x in inputs:
+            net(x)
+    finally:
+        for h in hooks:
+            h.remove()
+    return acts
+
+
+@pytest.mark.parametrize("metric", ["l1", "l2", "cosine"])
+def test_term_at_positive_lam_equals_a_hand_written_term(metric):
+    """lam * mean over layers of the mean distance over samples and the top-k neurons, from the
+    captured activations, with k from a count, a fraction and a per-layer dict."""
+    net = small_net()
+    x, x_adv = batch(n=7)
+    k = {"conv1": 2, "conv2": 0.4, "fc1": 0.25}  # 2 of 6, 3 of 8, 3 of 12
+    reg = SNSRegularizer(net, layers=list(k), k=k, lam=1.7, metric=metric)
+    with reg.capture():
+        net(x)
+        net(x_adv)
+    loss = reg.loss()
+    params = list(net.parameters())[:6]
+    grads = torch.autograd.grad(loss, params)
+
+    acts = captured(net, list(k), x, x_adv)
+    terms = []
+    for name, count in zip(k, (2, 3, 3)):
+        a, b = acts[name]
+        idx = hand_topk(a, b, count)
+        assert sorted(reg.selections[name].tolist()) == sorted(idx.tolist()), name
+        terms.append(hand_distance(a, b, metric)[:, idx].mean())
+    expected = 1.7 * sum(terms) / len(terms)
+    torch.testing.assert_close(loss, expected)
+    for g, e in zip(grads, torch.autograd.grad(expected, params)):
+        torch.testing.assert_close(g, e)
+
+
+def refresh_batches():
+    """Four batches whose perturbations (one fixed pattern each) excite different channels."""
+    gen = torch.Generator().manual_seed(0)
+    out = []
+    for _ in range(4):
+        x = torch.rand(6, 1, 6, 6, generator=gen, dtype=torch.float64)
+        pattern = torch.randn(1, 1, 6, 6, generator=gen, dtype=torch.float64)
+        out.append((x, x + 0.5 * pattern))
+    return out
+
+
+@pytest.mark.parametrize("refresh", [1, 2])
+def test_selection_is_refreshed_on_schedule_and_kept_in_between(refresh):
+    net = small_net()
+    reg = SNSRegularizer(net, layers=["conv2"], k=3, lam=1.0, refresh=refresh)
+    batches = refresh_batches()
+    own = [hand_topk(*captured(net, ["conv2"], x, x_adv)["conv2"], 3) for x, x_adv in batches]
+    assert len({tuple(sorted(o.tolist())) for o in own}) == 4, "each batch must pick its own neurons"
+    for step, (x, x_adv) in enumerate(batches):
+        with reg.capture():
+            net(x)
+            net(x_adv)
+        loss = reg.loss()
+        chosen = own[step - step % refresh]
+        assert sorted(reg.selections["conv2"].tolist()) == sorted(chosen.tolist()), step
+        a, b = captured(net, ["conv2"], x, x_adv)["conv2"]
+        torch.testing.assert_close(loss, hand_distance(a, b, "l1")[:, chosen].mean())

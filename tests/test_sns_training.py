@@ -149,3 +149,99 @@ def test_ddp_ranks_select_the_same_neurons_and_stay_identical(tmp_path):
     assert any(not torch.equal(r0["picks"][0][n], r0["picks"][-1][n]) for n in r0["picks"][0])
     for key, value in r0["model"].items():
         assert torch.equal(r1["model"][key], value), key
+
+
+def l1_per_neuron(a, b):
+    """[N, C] mean absolute difference of each neuron's map, from the definition."""
+    return (a - b).abs().flatten(2).mean(2) if a.dim() > 2 else (a - b).abs()
+
+
+def test_default_sns_step_is_ce_plus_lam_times_a_hand_written_l1_term():
+    model = fresh_model(dtype=torch.float64)
+    gen = torch.Generator().manual_seed(5)
+    x = torch.rand(10, 1, 8, 8, generator=gen, dtype=torch.float64)
+    x_adv = (x + 0.1 * torch.randn(x.shape, generator=gen, dtype=torch.float64)).clamp(0, 1)
+    y = torch.randint(0, 10, (10,), generator=gen)
+    loss, _ = SNSLoss(model, layers=["conv1", "conv2", "fc1"], lam=1.5)(model, x, y, lambda inputs, labels: x_adv)
+    got = torch.autograd.grad(loss, list(model.parameters()))
+
+    acts = {}
+    hooks = [getattr(model, n).register_forward_hook(lambda m, i, o, n=n: acts.setdefault(n, []).append(o))
+             for n in ("conv1", "conv2", "fc1")]
+    model(x)
+    logits_adv = model(x_adv)
+    for h in hooks:
+        h.remove()
+    terms = []
+    for a, b in acts.values():
+        dist_each = l1_per_neuron(a, b)
+        k = round(0.3 * a.shape[1])
+        picked = dist_each.detach().mean(0).argsort(descending=True)[:k]
+        terms.append(dist_each[:, picked].mean())
+    expected = F.cross_entropy(logits_adv, y) + 1.5 * sum(terms) / 3
+    torch.testing.assert_close(loss, expected)
+    for g, e in zip(got, torch.autograd.grad(expected, list(model.parameters()))):
+        torch.testing.assert_close(g, e)
+
+
+DDP_LAYERS = ("conv1", "conv2", "fc1")
+
+
+def ddp_batch():
+    """16 images split into two shards; each shard perturbed along its own pattern, so the shards
+    alone rank the neurons differently from the whole batch."""
+    gen = torch.Generator().manual_seed(7)
+    x = torch.rand(16, 1, 8, 8, generator=gen, dtype=torch.float64)
+    patterns = torch.randn(2, 1, 1, 8, 8, generator=gen, dtype=torch.float64)
+    x_adv = x + 0.3 * torch.cat([patterns[0].expand(8, -1, -1, -1), patterns[1].expand(8, -1, -1, -1)])
+    return x, x_adv
+
+
+def _ddp_selection_worker(rank, world, out):
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{out}/rendezvous", rank=rank, world_size=world)
+    try:
+        from neurosens.sns import SNSRegularizer
+
+        model = fresh_model(dtype=torch.float64)
+        x, x_adv = (t[8 * rank: 8 * rank + 8] for t in ddp_batch())
+        reg = SNSRegularizer(model, layers=list(DDP_LAYERS), k=0.25)
+        with reg.capture():
+            model(x)
+            model(x_adv)
+        loss = reg.loss()
+        torch.save({"selections": reg.selections, "loss": loss.detach()}, f"{out}/rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_ddp_selection_is_the_top_k_of_the_whole_batch(tmp_path):
+    mp.spawn(_ddp_selection_worker, args=(2, str(tmp_path)), nprocs=2, join=True)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1)]
+    model = fresh_model(dtype=torch.float64)
+    x, x_adv = ddp_batch()
+    acts = {}
+    hooks = [getattr(model, n).register_forward_hook(lambda m, i, o, n=n: acts.setdefault(n, []).append(o))
+             for n in DDP_LAYERS]
+    with torch.no_grad():
+        model(x)
+        model(x_adv)
+    for h in hooks:
+        h.remove()
+    shard_differs = False
+    for rank, result in enumerate(ranks):
+        terms = []
+        for name in DDP_LAYERS:
+            a, b = acts[name]
+            dist_each = l1_per_neuron(a, b)
+            k = round(0.25 * a.shape[1])
+            whole = dist_each.mean(0).sort(descending=True)
+            assert whole.values[k - 1] - whole.values[k] > 1e-9, "no tie at the k-th neuron"
+            expected = whole.indices[:k]
+            assert torch.equal(result["selections"][name], expected), (rank, name)
+            shard = dist_each[8 * rank: 8 * rank + 8]
+            shard_differs |= set(shard.mean(0).argsort(descending=True)[:k].tolist()) != set(expected.tolist())
+            terms.append(shard[:, expected].mean())
+        # Each rank stabilizes its own shard on the shared neurons.
+        torch.testing.assert_close(result["loss"], sum(terms) / len(terms))
+    assert shard_differs, "the test must pick shards whose own top-k differs from the whole batch's"

@@ -6,12 +6,22 @@ import torch
 from torch import nn
 from torch.utils.data import TensorDataset
 
+from neurosens.attacks import CW, PGD
+from neurosens.data import make_loader
 from neurosens.study import run_study
+from tqdm.auto import tqdm
 
 
 def net(seed):
+    """No biases and tripled weights: default-initialized, this net predicts one class whatever its
+    input, so no attack or intervention would change its accuracy."""
     torch.manual_seed(seed)
-    return nn.Sequential(nn.Flatten(), nn.Linear(16, 12), nn.ReLU(), nn.Linear(12, 10), nn.ReLU(), nn.Linear(10, 3)).eval()
+    model = nn.Sequential(nn.Flatten(), nn.Linear(16, 12), nn.ReLU(), nn.Linear(12, 10), nn.ReLU(), nn.Linear(10, 3)).eval()
+    with torch.no_grad():
+        for i in (1, 3, 5):
+            model[i].bias.zero_()
+            model[i].weight.mul_(3)
+    return model
 
 
 @pytest.fixture(scope="module")
@@ -21,6 +31,7 @@ def study(tmp_path_factory):
     y = torch.randint(0, 3, (40,), generator=gen)
     models = {"a": net(1), "b": net(2)}
     out = tmp_path_factory.mktemp("study")
+    torch.manual_seed(0)  # the attacks' random starts, replayed by test_numbers_match_a_replay_computed_by_hand
     summary = run_study(models, TensorDataset(x, y), 0.1, out, ks=(0.1, 0.5), seeds=2, steps=3, batch_size=16,
                         progress=False)
     return models, x, y, out, summary
@@ -87,3 +98,77 @@ def test_report_command_reads_checkpoints_and_names_bad_labels(tmp_path, capsys)
     with pytest.raises(SystemExit, match="--intervene-on: 'three'"):
         cli_main(["report", "--models", *paths, "--labels", "one", "two", "--intervene-on", "three",
                   "--out", str(out), "--eps", "0.1"])
+
+
+def hand_fgsm(model, x, y, eps):
+    x = x.clone().requires_grad_(True)
+    logits = model(x)
+    loss = -(logits - logits.logsumexp(1, keepdim=True)).gather(1, y[:, None]).sum()
+    grad, = torch.autograd.grad(loss, x)
+    return (x + eps * grad.sign()).clamp(0, 1).detach()
+
+
+def hand_curve(model, x, x_adv, y, layer, neurons, mode):
+    """(benign, adversarial) accuracy with ``neurons`` of ``layer`` (an index into the Sequential)
+    zeroed on both inputs or, for repair, given their benign value on the adversarial input."""
+    with torch.no_grad():
+        benign, adversarial = model[: layer + 1](x), model[: layer + 1](x_adv)
+        if mode == "zero":
+            benign[:, neurons] = 0
+            adversarial[:, neurons] = 0
+        else:
+            adversarial[:, neurons] = benign[:, neurons]
+        head = model[layer + 1:]
+        return [(head(h).argmax(1) == y).double().mean().item() for h in (benign, adversarial)]
+
+
+def test_numbers_match_a_replay_computed_by_hand(study):
+    """Replays the study's attacks in its order (the same random starts) and computes every
+    accuracy, sensitivity and intervention from the adversarial inputs by hand."""
+    models, x, y, _, summary = study
+    eps = 0.1
+    # The study's loader, iterated afresh through a (disabled) progress bar for each pass as the
+    # study does: both draw from the global RNG when they start, so the replay must do the same.
+    loader = make_loader(TensorDataset(x, y), 16)
+
+    def batches():
+        return tqdm(loader, disable=True)
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        for label, model in models.items():
+            hits = torch.zeros(3)
+            for xb, yb in batches():
+                for i, x_adv in enumerate((hand_fgsm(model, xb, yb, eps), PGD(model, eps, steps=3)(xb, yb),
+                                           CW(model, eps, steps=3)(xb, yb))):
+                    with torch.no_grad():
+                        hits[i] += (model(x_adv).argmax(1) == yb).sum()
+            got = summary["robustness"][label]
+            assert [got["fgsm"], got["pgd-3"], got["cw"]] == pytest.approx((hits / 40).tolist()), label
+        sensitivity = {}
+        for label, model in models.items():
+            x_adv = torch.cat([PGD(model, eps, steps=3)(xb, yb) for xb, yb in batches()])
+            with torch.no_grad():
+                # Mean over samples of |a - b| per unit: every measured layer is a Linear.
+                sensitivity[label] = {str(i): (model[: i + 1](x) - model[: i + 1](x_adv)).abs().mean(0) for i in (1, 3, 5)}
+            means = {name: v.mean().item() for name, v in sensitivity[label].items()}
+            assert summary["layer_means"][label] == pytest.approx(means, rel=1e-5), label
+        model = models["a"]
+        x_adv = torch.cat([PGD(model, eps, steps=3)(xb, yb) for xb, yb in batches()])
+    order = sensitivity["a"]["3"].argsort(descending=True).tolist()
+    picks = {"top": [order[:1], order[:5]], "bottom": [order[::-1][:1], order[::-1][:5]],
+             "random": [[torch.randperm(10, generator=torch.Generator().manual_seed(s))[:k].tolist() for s in (0, 1)]
+                        for k in (1, 5)]}
+    curves = summary["interventions"]["curves"]
+    assert all([c["top"]["benign"], c["top"]["adversarial"]] != [c["bottom"]["benign"], c["bottom"]["adversarial"]]
+               for c in curves.values()), \
+        "the test needs curves that tell the selections apart"
+    for mode in ("repair", "zero"):
+        for selection, per_k in picks.items():
+            curve = summary["interventions"]["curves"][mode][selection]
+            if selection == "random":
+                expected = [torch.tensor([hand_curve(model, x, x_adv, y, 3, n, mode) for n in draws]).mean(0).tolist()
+                            for draws in per_k]
+            else:
+                expected = [hand_curve(model, x, x_adv, y, 3, n, mode) for n in per_k]
+            assert curve["benign"] == pytest.approx([e[0] for e in expected]), (mode, selection)
+            assert curve["adversarial"] == pytest.approx([e[1] for e in expected]), (mode, selection)

@@ -199,3 +199,51 @@ def test_world_size_mismatch_is_refused(tmp_path):
     state["world_size"] = 4
     with pytest.raises(ValueError, match="written by 4 processes"):
         training.Trainer(fresh_model(), train, test, config(epochs=1)).load_state_dict(state)
+
+
+class InputRecorder(torch.nn.Module):
+    """A linear-softmax-like net that keeps the inputs of its training-mode forwards (the attack
+    runs it in eval mode, so only the loss's own forwards are kept)."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 16), torch.nn.Tanh(), torch.nn.Linear(16, 10))
+        self.seen = []
+
+    def forward(self, x):
+        if self.training:
+            self.seen.append(x.detach().clone())
+        return self.net(x)
+
+
+def test_trades_loss_is_ce_plus_beta_times_a_hand_written_kl():
+    model = InputRecorder().double().train()
+    gen = torch.Generator().manual_seed(1)
+    x = torch.rand(12, 1, 8, 8, generator=gen, dtype=torch.float64)
+    y = torch.randint(0, 10, (12,), generator=gen)
+    eps, beta = 0.1, 3.0
+    torch.manual_seed(0)  # the inner attack's random start
+    loss, logs = make_loss("trades", beta=beta)(model, x, y, PGD(model, eps, alpha=0.03, steps=5))
+    got = torch.autograd.grad(loss, list(model.parameters()))
+    assert len(model.seen) == 2 and torch.equal(model.seen[0], x)
+    x_adv = model.seen[1]
+    assert (x_adv - x).abs().max() <= eps + 1e-12 and x_adv.min() >= 0 and x_adv.max() <= 1
+
+    def log_probs(inputs):
+        z = model.net(inputs)
+        return z - z.exp().sum(1, keepdim=True).log()
+
+    lp, lq = log_probs(x), log_probs(x_adv)
+    ce = -lp.gather(1, y[:, None]).mean()
+    kl = (lp.exp() * (lp - lq)).sum(1).mean()  # KL(f(x) || f(x')), summed over classes, mean over the batch
+    expected = ce + beta * kl
+    torch.testing.assert_close(loss, expected)
+    torch.testing.assert_close(logs["kl"], kl.detach())
+    for g, e in zip(got, torch.autograd.grad(expected, list(model.parameters()))):
+        torch.testing.assert_close(g, e)
+    # The inner attack maximizes that KL: x' beats the point it started near and random points of the ball.
+    with torch.no_grad():
+        noise = (x + eps * (2 * torch.rand(x.shape, generator=gen, dtype=torch.float64) - 1)).clamp(0, 1)
+        kl_noise = (lp.exp() * (lp - log_probs(noise))).sum(1).mean()
+    assert kl > 2 * kl_noise > 0
