@@ -14,7 +14,7 @@ import torch.distributed as dist
 from tqdm.auto import tqdm
 
 from .capture import LayerHooks, check_channel_dim, eval_mode, select_layers, unwrap
-from .checks import check_metric
+from .checks import check_metric, integer
 from .env import model_device
 from .evaluation import hits
 from .ops import neuron_distance
@@ -57,11 +57,15 @@ class NeuronSensitivity:
             unknown = sorted(set(channel_dim) - set(self.modules))
             if unknown:
                 raise ValueError(f"NeuronSensitivity: channel_dim names layers that are not selected: {', '.join(unknown)}")
-            self.channel_dims = {name: channel_dim.get(name, 1) for name in self.modules}
-        elif isinstance(channel_dim, int) and not isinstance(channel_dim, bool):
-            self.channel_dims = {name: channel_dim for name in self.modules}
+            dims = {name: channel_dim.get(name, 1) for name in self.modules}
         else:
-            raise TypeError(f"NeuronSensitivity: channel_dim must be an int or a dict of ints, got {channel_dim!r}")
+            dims = {name: channel_dim for name in self.modules}
+        self.channel_dims = {}
+        for name, dim in dims.items():
+            self.channel_dims[name] = integer(dim)
+            if self.channel_dims[name] is None:
+                raise TypeError(f"NeuronSensitivity: channel_dim={dim!r} must be an int or a dict of ints, "
+                                f"not {type(dim).__name__}")
         self.metric = metric
         self.relative = relative
         self.output_index = output_index
