@@ -93,7 +93,7 @@ def load_checkpoint(path, device="cpu"):
     try:
         state = torch.load(path, map_location=device, weights_only=True)
     except (RuntimeError, pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError) as err:
-        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        reason = str(err).strip().splitlines()[0].split(". ")[0] if str(err).strip() else type(err).__name__
         raise ValueError(f"{path}: not a readable checkpoint ({reason})") from None
     if not isinstance(state, dict) or "model" not in state:
         raise ValueError(f"{path}: not a neurosens checkpoint (it has no 'model' entry)")
