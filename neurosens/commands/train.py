@@ -55,7 +55,8 @@ def add_arguments(parser):
     parser.add_argument("--workers", type=count_or_zero, default=0, help="DataLoader worker processes (default: 0)")
     parser.add_argument("--device", type=device, help="cpu, cuda or cuda:N (default: cuda when available)")
     parser.add_argument("--out", type=out_dir, required=True, help="run folder: checkpoint.pt, metrics.jsonl, model.pt")
-    parser.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt when it exists")
+    parser.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt when it exists; the options must be the run's, "
+                        "except --no-progress, --workers and --eval-steps/--eval-alpha/--eval-limit")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars or per-epoch lines")
 
 
