@@ -33,8 +33,9 @@ def build_parser():
 
 
 def main(argv=None):
-    """Run a command; a user's error (a ValueError or OSError, such as a missing or corrupt file)
-    is one line on stderr and exit status 1, not a traceback."""
+    """Run a command. A user's error (a ValueError or OSError, such as a missing or corrupt file)
+    ends it with ``SystemExit("neurosens <command>: <one line>")``: that line on stderr and exit
+    status 1, not a traceback."""
     args = build_parser().parse_args(argv)
     try:
         if env_flag("NEUROSENS_KEEP_FREED_MEMORY", default=True):
@@ -42,14 +43,8 @@ def main(argv=None):
 
             keep_freed_memory()
         return args._run(args) or 0
-    except SystemExit as exit:
-        if not isinstance(exit.code, str):
-            raise
-        message = exit.code
     except (ValueError, OSError) as err:
-        message = f"neurosens {args.command}: {err}"
-    print(message.strip().replace("\n", " "), file=sys.stderr)
-    return 1
+        raise SystemExit(f"neurosens {args.command}: " + " ".join(str(err).split())) from None
 
 
 if __name__ == "__main__":

@@ -29,6 +29,8 @@ def one_line_error(capsys, argv):
     except SystemExit as exit:
         code = exit.code
     err = capsys.readouterr().err
+    if isinstance(code, str):  # the interpreter prints it to stderr and exits with status 1
+        err, code = err + code + "\n", 1
     lines = err.strip().splitlines()
     assert code not in (0, None), f"{argv} exited 0"
     assert len(lines) == 1, f"{argv}: stderr is not one line:\n{err}"
