@@ -139,8 +139,11 @@ def model_from_state(state, source, device="cpu", arch=None, dataset=None):
 def _check_shapes(spec, weights, source):
     """Refuse a model description that does not match the weights, before allocating it: the
     description is built on the meta device, which holds shapes only."""
-    with torch.device("meta"):
-        expected = build_model(**spec).state_dict()
+    try:
+        with torch.device("meta"):
+            expected = build_model(**spec).state_dict()
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"{source}: the recorded model {spec} cannot be built: {err}") from None
     missing = [k for k in expected if k not in weights]
     unexpected = [k for k in weights if k not in expected]
     if missing or unexpected:

@@ -138,6 +138,13 @@ def test_checkpoint_metadata_is_checked_against_the_weights_before_building(tmp_
     assert built == ["meta"], built  # only a shape-only model was built
 
 
+@pytest.mark.parametrize("spec", [dict(SPEC, name="no-such-net"), dict(SPEC, depth=3), dict(SPEC, width="8")])
+def test_a_model_description_that_cannot_be_built_is_one_error(tmp_path, spec):
+    _, path = saved_model(tmp_path, spec)
+    with pytest.raises(ValueError, match="model.pt: the recorded model .* cannot be built"):
+        load_model(path)
+
+
 def test_flipped_bytes_in_the_weights_are_detected(tmp_path):
     model, path = saved_model(tmp_path)
     assert torch.equal(load_model(path).conv1.weight, model.conv1.weight)
