@@ -229,10 +229,10 @@ class NeuronDims:
             if unknown:
                 raise ValueError(f"{where}: channel_dim names layers that are not selected: {', '.join(unknown)}")
             self.default, self.overrides = None, dict(channel_dim)
-        elif channel_dim is None or (isinstance(channel_dim, int) and not isinstance(channel_dim, bool)):
-            self.default, self.overrides = channel_dim, {}
+        elif channel_dim is None or checks.integer(channel_dim) is not None:
+            self.default, self.overrides = (None if channel_dim is None else checks.integer(channel_dim)), {}
         else:
-            raise TypeError(f"{where}: channel_dim must be None, an int or a dict {{layer: int}}, got {channel_dim!r}")
+            raise TypeError(f"{where}: channel_dim={channel_dim!r} must be None, an int or a dict {{layer: int}}, not {type(channel_dim).__name__}")
 
     def count(self, name):
         """The layer's neuron count when its module declares it and no override moves the dim, else None."""

@@ -1,9 +1,12 @@
 """Checkpoints: atomic writes, reading them back, the RNG state of a run, and rebuilding a model.
 
 All checkpoints hold only tensors and primitive containers, so ``torch.load(path,
-weights_only=True)`` reads them.
+weights_only=True)`` reads them, and a ``digest`` of every tensor they hold, checked on load, so
+corrupted weights never load silently.
 """
+import hashlib
 import os
+import pickle
 import random
 from pathlib import Path
 
@@ -44,11 +47,59 @@ def atomic_save(obj, path):
     os.replace(tmp, path)
 
 
+def _tensors(obj, key=""):
+    """Every tensor in nested dicts, lists and tuples, with its path, in a fixed order."""
+    if isinstance(obj, torch.Tensor):
+        yield key, obj
+    elif isinstance(obj, dict):
+        for k, v in obj.items():
+            yield from _tensors(v, f"{key}/{k}")
+    elif isinstance(obj, (list, tuple)):
+        for i, v in enumerate(obj):
+            yield from _tensors(v, f"{key}/{i}")
+
+
+def digest(state):
+    """sha256 over the path, dtype, shape and bytes of every tensor of ``state`` but its own digest."""
+    h = hashlib.sha256()
+    for key, t in _tensors({k: v for k, v in state.items() if k != "digest"}):
+        h.update(f"{key}:{t.dtype}:{list(t.shape)};".encode())
+        h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def save_checkpoint(state, path):
+    """Write the dict ``state`` atomically with the :func:`digest` of its tensors."""
+    atomic_save({**state, "digest": digest(state)}, path)
+
+
+def remove_stale_temporaries(folder):
+    """Delete what :func:`atomic_save` of a killed process left behind in ``folder``."""
+    for tmp in Path(folder).glob(".*.tmp*"):
+        if tmp.is_file():
+            tmp.unlink()
+
+
 def load_checkpoint(path, device="cpu"):
-    """A checkpoint written by :class:`~neurosens.training.Trainer` (tensors on ``device``)."""
-    state = torch.load(path, map_location=device, weights_only=True)
+    """A checkpoint written by :class:`~neurosens.training.Trainer` (tensors on ``device``).
+
+    Raises FileNotFoundError for a missing file and ValueError naming the file for one that is
+    empty, corrupt, holds anything but tensors and containers, or whose tensors fail their digest.
+    """
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path}: no such checkpoint file")
+    if os.path.getsize(path) == 0:
+        raise ValueError(f"{path}: the checkpoint file is empty")
+    try:
+        state = torch.load(path, map_location=device, weights_only=True)
+    except (RuntimeError, pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError) as err:
+        reason = str(err).strip().splitlines()[0].split(". ")[0] if str(err).strip() else type(err).__name__
+        raise ValueError(f"{path}: not a readable checkpoint ({reason})") from None
     if not isinstance(state, dict) or "model" not in state:
         raise ValueError(f"{path}: not a neurosens checkpoint (it has no 'model' entry)")
+    if "digest" in state and state["digest"] != digest(state):
+        raise ValueError(f"{path}: the weights' checksum does not match the one recorded when it was written; "
+                         "the file is corrupt")
     return state
 
 
@@ -79,9 +130,30 @@ def model_from_state(state, source, device="cpu", arch=None, dataset=None):
         if any(key.startswith("normalize.") for key in state["model"]):
             # Placeholders: the checkpoint's own mean and std are loaded below.
             spec.update(mean=[0.0] * channels, std=[1.0] * channels)
+    _check_shapes(spec, state["model"], source)
     model = build_model(**spec)
     model.load_state_dict(state["model"])
     return model.to(device).eval()
+
+
+def _check_shapes(spec, weights, source):
+    """Refuse a model description that does not match the weights, before allocating it: the
+    description is built on the meta device, which holds shapes only."""
+    try:
+        with torch.device("meta"):
+            expected = build_model(**spec).state_dict()
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"{source}: the recorded model {spec} cannot be built: {err}") from None
+    missing = [k for k in expected if k not in weights]
+    unexpected = [k for k in weights if k not in expected]
+    if missing or unexpected:
+        raise ValueError(f"{source}: the recorded model {spec.get('name')!r} does not fit the weights: "
+                         f"missing {', '.join(missing[:5]) or 'none'}; unexpected {', '.join(unexpected[:5]) or 'none'}")
+    for key, t in expected.items():
+        if not isinstance(weights[key], torch.Tensor) or list(weights[key].shape) != list(t.shape):
+            got = list(weights[key].shape) if isinstance(weights[key], torch.Tensor) else type(weights[key]).__name__
+            raise ValueError(f"{source}: the recorded model {spec.get('name')!r} has {key!r} of shape {list(t.shape)}, "
+                             f"the weights {got}")
 
 
 def load_model(path, device="cpu", arch=None, dataset=None):

@@ -2,6 +2,7 @@
 
 Each raises with one line that names the caller (``where``) and what is wrong with which argument.
 """
+import numpy as np
 import torch
 
 from .reference import METRICS
@@ -16,10 +17,26 @@ def check_metric(metric, where, arg="metric", relative=False):
         raise ValueError(f"{where}: relative=True is not defined for metric='cosine' (the cosine is already scale-free)")
 
 
+def integer(value):
+    """``value`` as a Python int when it is one: an int, a numpy integer or a 0-d integer tensor;
+    None for anything else, bools included (True is not the index 1)."""
+    if isinstance(value, (bool, np.bool_)):
+        return None
+    if isinstance(value, (int, np.integer)):
+        return int(value)
+    if isinstance(value, torch.Tensor) and value.dim() == 0 and not value.is_floating_point() \
+            and not value.is_complex() and value.dtype != torch.bool:
+        return int(value)
+    return None
+
+
 def check_channel_dim(channel_dim, shape, where, what="shape"):
-    """The channel dim as a non-negative index into ``shape``: in range, and not the batch dim 0."""
+    """The channel dim as a non-negative index into ``shape``: an int, in range, and not the batch dim 0."""
     shape = list(shape)
-    if isinstance(channel_dim, bool) or not isinstance(channel_dim, int) or not -len(shape) <= channel_dim < len(shape):
+    given, channel_dim = channel_dim, integer(channel_dim)
+    if channel_dim is None:
+        raise TypeError(f"{where}: channel_dim={given!r} must be an int, not {type(given).__name__}")
+    if not -len(shape) <= channel_dim < len(shape):
         raise ValueError(f"{where}: channel_dim={channel_dim} is out of range for {what} {shape}")
     cdim = channel_dim % len(shape)
     if cdim == 0:

@@ -15,8 +15,15 @@ def _command_modules():
             yield info.name.replace("_", "-"), importlib.import_module(f"{commands.__name__}.{info.name}")
 
 
+class _Parser(argparse.ArgumentParser):
+    """Reports a bad command line as one line on stderr (the usage is in --help)."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
 def build_parser():
-    parser = argparse.ArgumentParser(prog="neurosens", description="Neuron sensitivity for adversarial robustness.")
+    parser = _Parser(prog="neurosens", description="Neuron sensitivity for adversarial robustness.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name, module in _command_modules():
         cmd = sub.add_parser(name, help=module.HELP, description=module.HELP)
@@ -26,12 +33,18 @@ def build_parser():
 
 
 def main(argv=None):
+    """Run a command. A user's error (a ValueError or OSError, such as a missing or corrupt file)
+    ends it with ``SystemExit("neurosens <command>: <one line>")``: that line on stderr and exit
+    status 1, not a traceback."""
     args = build_parser().parse_args(argv)
-    if env_flag("NEUROSENS_KEEP_FREED_MEMORY", default=True):
-        from .cpu_memory import keep_freed_memory
+    try:
+        if env_flag("NEUROSENS_KEEP_FREED_MEMORY", default=True):
+            from .cpu_memory import keep_freed_memory
 
-        keep_freed_memory()
-    return args._run(args) or 0
+            keep_freed_memory()
+        return args._run(args) or 0
+    except (ValueError, OSError) as err:
+        raise SystemExit(f"neurosens {args.command}: " + " ".join(str(err).split())) from None
 
 
 if __name__ == "__main__":

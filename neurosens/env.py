@@ -22,9 +22,19 @@ def env_flag(name, default=False):
 
 
 def default_device(device=None):
-    """``device`` if given, else the current CUDA device when one is visible, else the CPU."""
+    """``device`` if given (checked: a device type torch knows, and a CUDA device this machine
+    has), else the current CUDA device when one is visible, else the CPU."""
     if device is not None:
-        return torch.device(device)
+        try:
+            device = torch.device(device)
+        except (RuntimeError, TypeError):
+            raise ValueError(f"device {device!r} is unknown; give cpu, cuda or cuda:N") from None
+        if device.type == "cuda":
+            if not torch.cuda.is_available():
+                raise ValueError(f"device {str(device)!r}: CUDA is not available on this machine; use cpu")
+            if device.index is not None and device.index >= torch.cuda.device_count():
+                raise ValueError(f"device {str(device)!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+        return device
     return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
 
 

@@ -27,7 +27,9 @@ class Normalize(nn.Module):
 
     def __init__(self, mean, std):
         super().__init__()
-        mean, std = torch.as_tensor(mean, dtype=torch.float32), torch.as_tensor(std, dtype=torch.float32)
+        # Made on the CPU also under a meta default device, so that the check below can read them.
+        mean = torch.as_tensor(mean, dtype=torch.float32, device="cpu")
+        std = torch.as_tensor(std, dtype=torch.float32, device="cpu")
         if mean.dim() != 1 or mean.shape != std.shape:
             raise ValueError(f"mean and std must be 1-D and of one length, got {tuple(mean.shape)} and {tuple(std.shape)}")
         if (std <= 0).any():

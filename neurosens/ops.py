@@ -6,7 +6,8 @@ Arguments are checked here, before either backend, so both raise the same errors
 
 ``a`` is always the benign activation and ``b`` its adversarial twin, of shape [N, C, ...]
 (``channel_dim=1``) or [N, ..., C] (``channel_dim=-1``); a neuron is one index along the
-channel dim. See :mod:`neurosens.reference` for the metric definitions.
+channel dim. See :mod:`neurosens.reference` for the metric definitions. A NaN or an infinity in
+one neuron's map makes that neuron's distance non-finite and leaves every other neuron's unchanged.
 """
 from typing import NamedTuple
 

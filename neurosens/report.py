@@ -78,32 +78,57 @@ class SensitivityReport:
         return "\n".join(lines)
 
     def to_dict(self):
+        """The report as plain data; NaN and infinities are the strings "NaN", "Infinity" and
+        "-Infinity", so that the JSON is strict."""
         return {
             "format": FORMAT,
-            "meta": self.meta,
-            "sensitivity": {name: v.tolist() for name, v in self.sensitivity.items()},
+            "meta": _encode(self.meta),
+            "sensitivity": {name: _encode(v.tolist()) for name, v in self.sensitivity.items()},
         }
 
     @classmethod
     def from_dict(cls, data):
+        """The report that :meth:`to_dict` gave; every field is checked and the one at fault named."""
+        where = "SensitivityReport"
+        if not isinstance(data, dict):
+            raise ValueError(f"{where}: a report must be an object, got {type(data).__name__}")
         if data.get("format") != FORMAT:
-            raise ValueError(f"SensitivityReport: expected format {FORMAT!r}, got {data.get('format')!r}")
-        return cls(data["sensitivity"], data.get("meta"))
+            raise ValueError(f"{where}: expected format {FORMAT!r}, got {data.get('format')!r}")
+        meta = data.get("meta", {})
+        if not isinstance(meta, dict):
+            raise ValueError(f"{where}: 'meta' must be an object, got {type(meta).__name__}")
+        layers = data.get("sensitivity")
+        if not isinstance(layers, dict):
+            raise ValueError(f"{where}: 'sensitivity' must be an object of layer -> list of numbers, got {type(layers).__name__}")
+        sensitivity = {}
+        for name, values in layers.items():
+            field = f"sensitivity[{name!r}]"
+            if not isinstance(values, list):
+                raise ValueError(f"{where}: {field} must be a list of numbers, got {type(values).__name__}")
+            sensitivity[name] = [_number(v, f"{where}: {field}[{i}]") for i, v in enumerate(values)]
+        return cls(sensitivity, _decode(meta))
 
     def to_json(self, path=None):
-        """The report as JSON text (floats round-trip exactly); also written to ``path`` if given."""
-        text = json.dumps(self.to_dict(), indent=1)
+        """The report as strict JSON text (floats round-trip exactly); also written to ``path`` if given."""
+        text = json.dumps(self.to_dict(), indent=1, allow_nan=False)
         if path is not None:
             _write_text(path, text + "\n")
         return text
 
     @classmethod
-    def from_json(cls, source):
-        """Load a report from a JSON file path or from JSON text."""
-        if isinstance(source, (str, os.PathLike)) and not str(source).lstrip().startswith("{"):
-            with open(source) as f:
-                source = f.read()
-        return cls.from_dict(json.loads(source))
+    def from_json(cls, path):
+        """Load a report from the JSON file at ``path`` (:meth:`loads` reads JSON text)."""
+        with open(path) as f:
+            return cls.loads(f.read(), str(path))
+
+    @classmethod
+    def loads(cls, text, source="SensitivityReport"):
+        """Load a report from JSON text."""
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{source}: not JSON ({err})") from None
+        return cls.from_dict(data)
 
     def to_csv(self, path):
         """One row per neuron: layer, neuron, sensitivity, rank (1 = most sensitive in its layer)."""
@@ -115,6 +140,42 @@ class SensitivityReport:
                 for neuron, (value, r) in enumerate(zip(v.tolist(), ranks(v).tolist())):
                     out.writerow([name, neuron, repr(value), r])
         return path
+
+
+_NON_FINITE = {"NaN": math.nan, "Infinity": math.inf, "-Infinity": -math.inf}
+
+
+def _encode(value):
+    """``value`` with NaN and infinities as the strings of :data:`_NON_FINITE`, for strict JSON."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return "NaN" if math.isnan(value) else ("Infinity" if value > 0 else "-Infinity")
+    if isinstance(value, dict):
+        return {k: _encode(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_encode(v) for v in value]
+    return value
+
+
+def _decode(value):
+    """The inverse of :func:`_encode`."""
+    if isinstance(value, str):
+        return _NON_FINITE.get(value, value)
+    if isinstance(value, dict):
+        return {k: _decode(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_decode(v) for v in value]
+    return value
+
+
+def _number(value, field):
+    """A sensitivity read from JSON: a number (or an encoded NaN or +infinity), never negative."""
+    if isinstance(value, str) and value in _NON_FINITE:
+        value = _NON_FINITE[value]
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"{field} must be a number, got {type(value).__name__}")
+    if value < 0:
+        raise ValueError(f"{field} = {value} is negative; sensitivities are distances, >= 0")
+    return float(value)
 
 
 def ensure_parent(path):
@@ -160,20 +221,16 @@ def union_layers(reports):
 class Comparison:
     """Per-layer mean sensitivity of several models and each one's ratio to the first (the baseline)."""
 
-    def __init__(self, labels, layers, means):
+    def __init__(self, labels, layers, means, shared_layers):
         self.labels = labels
         self.layers = layers
         self.means = means  # means[label][layer] -> float, NaN where a model lacks the layer
+        self.shared_layers = shared_layers  # the layers every report has (their means may still be NaN)
 
     def ratio(self, label, layer):
         base = self.means[self.labels[0]][layer]
         value = self.means[label][layer]
         return value / base if base > 0 else math.nan
-
-    @property
-    def shared_layers(self):
-        """The layers every report has."""
-        return [layer for layer in self.layers if not any(math.isnan(self.means[label][layer]) for label in self.labels)]
 
     @property
     def summary_row(self):
@@ -242,8 +299,8 @@ def compare(reports, labels=None):
     for label, report in zip(labels, reports):
         per_layer = report.layer_means()
         means[label] = {layer: per_layer.get(layer, math.nan) for layer in layers}
-    table = Comparison(labels, layers, means)
-    shared = table.shared_layers
+    shared = [layer for layer in layers if all(layer in r.layers for r in reports)]
+    table = Comparison(labels, layers, means, shared)
     if not shared:
         raise ValueError(f"compare: the reports have no layer in common ({', '.join(labels)})")
     for label in labels:

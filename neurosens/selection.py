@@ -8,6 +8,8 @@ from typing import NamedTuple
 
 import torch
 
+from .checks import integer
+
 
 class TopK(NamedTuple):
     values: torch.Tensor
@@ -20,9 +22,15 @@ def resolve_k(k, num_neurons=None, op="neurosens", what="k"):
     With ``num_neurons=None`` (a layer not built yet) only the form of ``k`` is checked and None
     is returned.
     """
-    if isinstance(k, bool) or not isinstance(k, (int, float)):
-        raise TypeError(f"{op}: {what} must be an int count or a float fraction, got {k!r}")
+    if isinstance(k, torch.Tensor) and k.dim() == 0 and k.is_floating_point():
+        k = float(k)
+    if not isinstance(k, float):
+        count = integer(k)
+        if count is None:
+            raise TypeError(f"{op}: {what} must be an int count or a float fraction, got {k!r}")
+        k = count
     if isinstance(k, float):
+        k = float(k)
         if not 0.0 < k <= 1.0:
             raise ValueError(f"{op}: {what}={k} as a fraction must be in (0, 1]")
         return None if num_neurons is None else max(1, round(k * num_neurons))

@@ -46,7 +46,8 @@ class NeuronSensitivity:
     does not. ``output_index`` picks the tensor from layers returning tuples.
 
     A layer run several times per forward (a shared ReLU, say) is reported once per call, as
-    ``name#0``, ``name#1``, ... The model's train/eval flags are restored after every update.
+    ``name#0``, ``name#1``, ..., each averaged over the samples whose forward made that call. The
+    model's train/eval flags are restored after every update.
     """
 
     def __init__(self, model, layers="auto", metric="l1", channel_dim=None, relative=False, auto="conv_linear",
@@ -64,6 +65,7 @@ class NeuronSensitivity:
         """Forget every batch seen so far."""
         self._sums = {}  # (layer, call index) -> float64 [C] running sum
         self._shapes = {}  # (layer, call index) -> (per-sample output shape, neuron dim)
+        self._counts = {}  # (layer, call index) -> samples whose forward made that call
         self._samples = 0
         self._correct = torch.zeros(3, dtype=torch.float64)  # benign correct, adversarial correct, labelled samples
         self._calls = {}  # layer -> calls so far in the current forward
@@ -101,16 +103,20 @@ class NeuronSensitivity:
         with eval_mode(self.model), hooks:
             out = self.model(torch.cat([x, x_adv]))
         hooks.check_ran()
-        # Commit only once the whole forward succeeded, so a failing batch leaves the sums untouched.
+        correct = None
+        if y is not None and isinstance(out, torch.Tensor) and out.dim() == 2 and out.shape[0] == 2 * batch:
+            right = hits(out, y.to(out.device).repeat(2)).view(2, batch).sum(1).to(torch.float64).cpu()
+            correct = torch.cat([right, right.new_tensor([batch])])
+        # Commit only once the whole batch succeeded, so a failing batch leaves everything untouched.
         for key, (partial, layout) in self._batch.items():
             if key in self._sums:
                 self._sums[key] += partial
+                self._counts[key] += batch
             else:
-                self._sums[key], self._shapes[key] = partial, layout
+                self._sums[key], self._shapes[key], self._counts[key] = partial, layout, batch
         self._samples += batch
-        if y is not None and isinstance(out, torch.Tensor) and out.dim() == 2 and out.shape[0] == 2 * batch:
-            right = hits(out, y.to(out.device).repeat(2)).view(2, batch).sum(1).to(torch.float64).cpu()
-            self._correct += torch.cat([right, right.new_tensor([batch])])
+        if correct is not None:
+            self._correct += correct
 
     def update(self, x, x_adv=None, attack=None, y=None):
         """Add one batch: ``update(x, x_adv)`` with adversarial inputs given, or
@@ -132,13 +138,16 @@ class NeuronSensitivity:
             raise ValueError(f"NeuronSensitivity.update: x of shape {list(x.shape)} and x_adv of shape {list(x_adv.shape)} differ")
         if x.dim() == 0 or x.shape[0] == 0:
             raise ValueError(f"NeuronSensitivity.update: the batch is empty (x of shape {list(x.shape)})")
+        if y is not None and (not isinstance(y, torch.Tensor) or list(y.shape) != [x.shape[0]]):
+            got = f"shape {list(y.shape)}" if isinstance(y, torch.Tensor) else f"type {type(y).__name__}"
+            raise ValueError(f"NeuronSensitivity.update: y has {got}; expected [{x.shape[0]}], one label per sample of x")
         self._forward(x, x_adv.to(device=x.device, dtype=x.dtype), y)
 
     def _reduced(self):
         """Sums, samples and correct counts, added over all ranks when torch.distributed is running."""
         keys = list(self._sums)
         if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-            return keys, {k: self._sums[k].clone() for k in keys}, self._samples, self._correct.clone()
+            return keys, {k: self._sums[k].clone() for k in keys}, dict(self._counts), self._samples, self._correct.clone()
         all_keys = [None] * dist.get_world_size()
         dist.all_gather_object(all_keys, keys)
         if any(other != keys for other in all_keys):
@@ -148,7 +157,8 @@ class NeuronSensitivity:
             )
         device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
         parts = [self._sums[k].to(device) for k in keys]
-        parts.append(torch.tensor([float(self._samples)], dtype=torch.float64, device=device))
+        parts.append(torch.tensor([float(self._counts[k]) for k in keys] + [float(self._samples)], dtype=torch.float64,
+                                  device=device))
         parts.append(self._correct.to(device))
         flat = torch.cat(parts)
         dist.all_reduce(flat)
@@ -157,9 +167,11 @@ class NeuronSensitivity:
             n = self._sums[k].numel()
             sums[k] = flat[offset:offset + n].to(self._sums[k].device)
             offset += n
+        counts = {k: int(round(flat[offset + i].item())) for i, k in enumerate(keys)}
+        offset += len(keys)
         samples = int(round(flat[offset].item()))
         correct = flat[offset + 1:].cpu()
-        return keys, sums, samples, correct
+        return keys, sums, counts, samples, correct
 
     def compute(self, meta=None):
         """The :class:`SensitivityReport` of everything seen so far (all ranks under torch.distributed).
@@ -168,14 +180,14 @@ class NeuronSensitivity:
         """
         if self._samples == 0:
             raise RuntimeError("NeuronSensitivity.compute: no batch seen yet; call update() first")
-        keys, sums, samples, correct = self._reduced()
+        keys, sums, counts, samples, correct = self._reduced()
         repeated = {name for name, i in keys if i > 0}
         sensitivity, layer_info = {}, {}
         for name, i in keys:
             label = f"{name}#{i}" if name in repeated else name
-            sensitivity[label] = (sums[(name, i)] / samples).cpu()
+            sensitivity[label] = (sums[(name, i)] / counts[(name, i)]).cpu()
             shape, cdim = self._shapes[(name, i)]
-            layer_info[label] = {"shape": shape, "channel_dim": cdim}
+            layer_info[label] = {"shape": shape, "channel_dim": cdim, "samples": counts[(name, i)]}
         info = {
             "model": type(unwrap(self.model)).__name__,
             "metric": self.metric,
@@ -229,6 +241,12 @@ def measure(
                     f"got {type(batch).__name__}"
                 )
             x = batch[0].to(device)
+            if attack is None and isinstance(batch[1], torch.Tensor) and not batch[1].is_floating_point():
+                raise ValueError(
+                    f"measure: the second item of each batch holds integer labels (shape {list(batch[1].shape)}), not "
+                    "adversarial inputs; give attack= to craft them (e.g. attack=neurosens.PGD(model, eps)), or "
+                    "give batches (x, x_adv[, y])"
+                )
             if attack is not None:
                 meter.update(x, batch[1].to(device), attack=attack)
             else:

@@ -23,6 +23,7 @@ same either way.
 Under ``torch.distributed`` the per-neuron statistics are summed over ranks before the top-k, so
 every rank stabilizes the same neurons.
 """
+import contextlib
 import dataclasses
 import math
 
@@ -125,7 +126,8 @@ class SNSRegularizer:
     def __init__(self, model, layers=SNSConfig.layers, k=SNSConfig.k, lam=SNSConfig.lam, metric=SNSConfig.metric,
                  select_metric=SNSConfig.select_metric, refresh=SNSConfig.refresh, detach_benign=SNSConfig.detach_benign,
                  channel_dim=None, auto="conv_linear", output_index=None):
-        self.modules = select_layers(unwrap(model), layers, auto)
+        self.root = unwrap(model)
+        self.modules = select_layers(self.root, layers, auto)
         SNSConfig(layers, k, lam, metric, select_metric, refresh, detach_benign).check()
         self.neuron_dims = NeuronDims(model, self.modules, channel_dim, "SNS")
         ks = k if isinstance(k, dict) else {name: k for name in self.modules}
@@ -144,17 +146,45 @@ class SNSRegularizer:
         self.detach_benign = detach_benign
         self.output_index = output_index
         self.selections = {}  # layer -> indices of the neurons stabilized last
-        self._outputs = {name: [] for name in self.modules}
+        self._outputs = {name: [] for name in self.modules}  # layer -> [(output, its version when captured)]
+        self._forwards = 0  # forwards of the whole model inside the last capture()
         self._calls = 0
 
+    @contextlib.contextmanager
     def capture(self):
         """Context manager recording the chosen layers' outputs, with their graphs."""
         for outs in self._outputs.values():
             outs.clear()
-        return LayerHooks(self.modules, lambda name, t: self._outputs[name].append(t), self.output_index)
+        self._forwards = 0
+        counter = self.root.register_forward_pre_hook(self._count_forward)
+        try:
+            with LayerHooks(self.modules, self._keep, self.output_index) as hooks:
+                yield hooks
+        finally:
+            counter.remove()
+
+    def _count_forward(self, module, inputs):
+        self._forwards += 1
+
+    def _keep(self, name, t):
+        # The version counter tells later whether an in-place op overwrote the values kept here.
+        self._outputs[name].append((t, None if t.is_inference() else t._version))
 
     def _pair(self, name):
-        outs = self._outputs[name]
+        for t, version in self._outputs[name]:
+            if version is not None and t._version != version:
+                raise RuntimeError(
+                    f"SNS layer {name!r}: its output was modified in place after the layer ran (by an in-place op "
+                    "such as ReLU(inplace=True) that follows it), so the kept values are no longer the layer's; "
+                    "regularize the layer after that op instead, or make the op out-of-place"
+                )
+        outs = [t for t, _ in self._outputs[name]]
+        if self._forwards == 1 and len(outs) > 1:
+            raise RuntimeError(
+                f"SNS layer {name!r} ran {len(outs)} times in one forward; SNS pairs one output per forward (the "
+                "two halves of one forward of [x; x_adv], or one benign and one adversarial forward): choose a "
+                "layer that runs once per forward"
+            )
         if len(outs) == 2:
             return outs
         if len(outs) == 1:

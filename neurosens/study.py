@@ -4,11 +4,13 @@
 the chosen layers, runs the intervention curves (repair and zero; most sensitive, random and
 least sensitive neurons) on one model and layer, and writes everything to one folder:
 ``index.html`` (self-contained, images inlined), the PNGs, ``results.json`` and one
-``<label>.report.json`` per model.
+``<label>.report.json`` per model (the label reduced to a safe file name).
 """
 import json
 import os
+import re
 import time
+from pathlib import Path
 
 from .attacks import PGD
 from .data import make_loader
@@ -34,6 +36,22 @@ def _headline(curves, at=0.1):
     return out
 
 
+def report_files(out_dir, labels):
+    """``{label: path of its report.json}``: one file per label directly in ``out_dir``, its name
+    made of the label's letters, digits, ``.``, ``_`` and ``-`` (so no label reaches another folder),
+    made unique by a number where two labels come out alike."""
+    paths, taken = {}, set()
+    for label in labels:
+        stem = re.sub(r"[^A-Za-z0-9._-]+", "_", str(label)).strip("._")[:100] or "model"
+        name, n = stem, 1
+        while name.lower() in taken:
+            n += 1
+            name = f"{stem}-{n}"
+        taken.add(name.lower())
+        paths[label] = Path(out_dir) / f"{name}.report.json"
+    return paths
+
+
 def run_study(models, test_set, eps, out_dir, layers="auto", intervention_model=None, intervention_layer=None,
               ks=(0.02, 0.05, 0.1, 0.2, 0.5), seeds=3, steps=20, batch_size=128, title="neurosens study", progress=True):
     """Compare ``models`` (``{label: model}``) on ``test_set`` under L-inf attacks of budget ``eps``.
@@ -46,11 +64,11 @@ def run_study(models, test_set, eps, out_dir, layers="auto", intervention_model=
     os.makedirs(out_dir, exist_ok=True)
     loader = make_loader(test_set, batch_size)
     robust = robustness(models, loader, eps, steps, progress)
-    reports = {}
+    reports, files = {}, report_files(out_dir, models)
     for label, model in models.items():
         reports[label] = measure(model, loader, PGD(model, eps, steps=steps), layers=layers, progress=progress,
                                  meta={"label": label})
-        reports[label].to_json(os.path.join(out_dir, f"{label}.report.json"))
+        reports[label].to_json(files[label])
     labels = list(models)
     comparison = compare([reports[label] for label in labels], labels)
     plot_paths = save_plots([reports[label] for label in labels], out_dir, labels)

@@ -26,7 +26,7 @@ from torch.utils.data import Subset
 from tqdm.auto import tqdm
 
 from .attacks import PGD
-from .checkpoint import atomic_save, load_checkpoint, rng_state, set_rng_state
+from .checkpoint import load_checkpoint, remove_stale_temporaries, rng_state, save_checkpoint, set_rng_state
 from .data import make_loader
 from .env import default_device
 from .evaluation import evaluate
@@ -86,6 +86,9 @@ class TrainConfig:
 
     OPTIMIZERS = ("sgd", "adam")
     SCHEDULES = ("cosine", "step", "constant")
+    #: Options a resumed run may change: they do not touch what is trained or in which order (the
+    #: per-epoch evaluation draws from its own copy of the RNG state).
+    RESUMABLE_CHANGES = ("progress", "num_workers", "eval_steps", "eval_alpha", "eval_limit")
 
     def __post_init__(self):
         if self.method not in METHODS:
@@ -97,10 +100,17 @@ class TrainConfig:
         for name in ("epochs", "batch_size", "steps", "eval_steps"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)!r}: must be >= 1")
-        if self.lr <= 0 or self.eps < 0 or self.eps_warmup < 0 or self.eval_limit < 0:
-            raise ValueError(f"lr must be > 0 and eps, eps_warmup, eval_limit >= 0 "
-                             f"(got lr={self.lr}, eps={self.eps}, eps_warmup={self.eps_warmup}, eval_limit={self.eval_limit})")
+        for name in ("lr", "gamma"):
+            if not math.isfinite(getattr(self, name)) or getattr(self, name) <= 0:
+                raise ValueError(f"{name}={getattr(self, name)!r}: must be a finite number > 0")
+        for name in ("eps", "eps_warmup", "momentum", "weight_decay", "beta"):
+            if not math.isfinite(getattr(self, name)) or getattr(self, name) < 0:
+                raise ValueError(f"{name}={getattr(self, name)!r}: must be a finite number >= 0")
+        if self.eval_limit < 0:
+            raise ValueError(f"eval_limit={self.eval_limit!r}: must be >= 0")
         self.milestones = tuple(float(m) for m in self.milestones)
+        if not all(0 < m < 1 for m in self.milestones):
+            raise ValueError(f"milestones={list(self.milestones)}: each must be a fraction of the run in (0, 1)")
         if isinstance(self.sns_layers, tuple):
             self.sns_layers = list(self.sns_layers)
         self.sns_config().check("TrainConfig", prefix="sns_", per_epoch=True)
@@ -115,6 +125,18 @@ class TrainConfig:
 
     def to_dict(self):
         return {f.name: list(v) if isinstance(v := getattr(self, f.name), tuple) else v for f in dataclasses.fields(self)}
+
+
+def _differences(old, new, where):
+    """``"where.key: old -> new"`` for every leaf where the nested dicts ``old`` and ``new`` differ."""
+    lines = []
+    for key in sorted(set(old) | set(new), key=str):
+        a, b = old.get(key), new.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            lines += _differences(a, b, f"{where}.{key}")
+        elif a != b:
+            lines.append(f"{where}.{key}: {a!r} -> {b!r}")
+    return lines
 
 
 def seed_everything(seed, deterministic=True):
@@ -250,7 +272,8 @@ class Trainer:
         shard = Subset(self.test_set, range(self.rank, min(cfg.eval_limit, len(self.test_set)), self.world))
         loader = make_loader(shard, max(cfg.batch_size // self.world, 1), num_workers=cfg.num_workers)
         attacks = {"pgd": self.eval_attack} if cfg.eps > 0 else {}
-        result = evaluate(self.model, loader, attacks, self.device, distributed=self.distributed)
+        with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
+            result = evaluate(self.model, loader, attacks, self.device, distributed=self.distributed)
         return {f"test_{k}": v for k, v in result.items()}
 
     def state_dict(self):
@@ -264,13 +287,30 @@ class Trainer:
         return {"format": 1, "epoch": self.epoch, "config": self.config.to_dict(), "meta": self.meta,
                 "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
                 "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(),
-                "rng": rng, "history": self.history, "world_size": self.world,
+                "rng": rng, "history": self.history, "world_size": self.world, "train_size": len(self.train_set),
                 "loss_state": self.loss_fn.state_dict() if hasattr(self.loss_fn, "state_dict") else None}
+
+    def resume_conflicts(self, state):
+        """What differs between this run and the checkpoint ``state`` of the run it would continue,
+        as ``"name: old -> new"`` lines (options in :attr:`TrainConfig.RESUMABLE_CHANGES` may differ)."""
+        old, new = dict(state.get("config") or {}), self.config.to_dict()
+        lines = [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in sorted(set(old) | set(new))
+                 if k not in TrainConfig.RESUMABLE_CHANGES and old.get(k) != new.get(k)]
+        lines += _differences(state.get("meta") or {}, self.meta, "meta")
+        size = state.get("train_size")
+        if size is not None and size != len(self.train_set):
+            lines.append(f"training samples: {size} -> {len(self.train_set)}")
+        return lines
 
     def load_state_dict(self, state):
         if state["world_size"] != self.world:
             raise ValueError(f"the checkpoint was written by {state['world_size']} processes; resume with as many "
                              f"(now {self.world}) to continue exactly")
+        conflicts = self.resume_conflicts(state)
+        if conflicts:
+            raise ValueError(f"cannot resume the run in {self.out_dir}: its options differ from this run's "
+                             f"({'; '.join(conflicts)}); only {', '.join(TrainConfig.RESUMABLE_CHANGES)} may change. "
+                             "Start a new run in another folder")
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
@@ -282,7 +322,7 @@ class Trainer:
 
     def _write(self, name, obj):
         if self.rank == 0 and self.out_dir is not None:
-            atomic_save(obj, self.out_dir / name)
+            save_checkpoint(obj, self.out_dir / name)
 
     def _write_metrics(self):
         if self.rank != 0 or self.out_dir is None:
@@ -302,6 +342,9 @@ class Trainer:
             seed_everything(cfg.seed + self.rank, cfg.deterministic)
         if self.out_dir is not None and self.rank == 0:
             self.out_dir.mkdir(parents=True, exist_ok=True)
+            remove_stale_temporaries(self.out_dir)
+            # The metrics list exactly the epochs the checkpoint holds, also after a crash between the two writes.
+            self._write_metrics()
             (self.out_dir / "config.json").write_text(json.dumps({"config": cfg.to_dict(), "meta": self.meta}, indent=2))
         last = cfg.epochs if until is None else min(until, cfg.epochs)
         while self.epoch < last:
@@ -315,9 +358,8 @@ class Trainer:
             self.history.append(metrics)
             if self.rank == 0 and cfg.progress:
                 tqdm.write(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items()))
+            self._write(CHECKPOINT, self.state_dict())
             self._write_metrics()
-            state = self.state_dict()
-            self._write(CHECKPOINT, state)
         if self.epoch >= cfg.epochs:
             self._write(FINAL, {"model": self.model.state_dict(), "meta": self.meta, "config": cfg.to_dict(),
                                 "history": self.history})

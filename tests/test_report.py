@@ -62,7 +62,7 @@ def test_json_round_trip_is_exact(tmp_path):
     report = make_report()
     path = tmp_path / "sub" / "report.json"
     text = report.to_json(path)
-    for loaded in (SensitivityReport.from_json(path), SensitivityReport.from_json(str(path)), SensitivityReport.from_json(text)):
+    for loaded in (SensitivityReport.from_json(path), SensitivityReport.from_json(str(path)), SensitivityReport.loads(text)):
         assert loaded.layers == report.layers and loaded.meta == report.meta
         for name in report.layers:
             assert torch.equal(loaded[name], report[name])

@@ -14,16 +14,18 @@ PRESETS = {
 
 
 def add_arguments(parser):
+    from . import non_negative, out_dir, positive_int
+
     parser.add_argument("--data", choices=sorted(PRESETS), default="digits",
                         help="digits (scikit-learn, 28x28, nothing to fetch) or mnist (after `neurosens data fetch mnist`)")
-    parser.add_argument("--out", default="runs/demo", help="output folder (default: runs/demo)")
+    parser.add_argument("--out", type=out_dir, default="runs/demo", help="output folder (default: runs/demo)")
     parser.add_argument("--methods", nargs="+", default=["standard", "pgd_at", "trades", "sns"],
                         help="training methods to compare (default: standard pgd_at trades sns)")
-    parser.add_argument("--epochs", type=int, help="training epochs (default: per data set)")
-    parser.add_argument("--eps", type=float, help="L-inf budget in pixel units (default: 0.1 digits, 0.3 mnist)")
-    parser.add_argument("--steps", type=int, default=7, help="PGD steps while training (default: 7)")
+    parser.add_argument("--epochs", type=positive_int, help="training epochs (default: per data set)")
+    parser.add_argument("--eps", type=non_negative, help="L-inf budget in pixel units (default: 0.1 digits, 0.3 mnist)")
+    parser.add_argument("--steps", type=positive_int, default=7, help="PGD steps while training (default: 7)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--threads", type=int, help="CPU threads (default: torch's choice)")
+    parser.add_argument("--threads", type=positive_int, help="CPU threads (default: torch's choice)")
     parser.add_argument("--root", help="data root for --data mnist (default: data/ or $NEUROSENS_DATA)")
 
 
@@ -40,7 +42,7 @@ def run(args):
         torch.set_num_threads(args.threads)
     preset = PRESETS[args.data]
     eps = args.eps if args.eps is not None else preset["eps"]
-    epochs = args.epochs or preset["epochs"]
+    epochs = args.epochs if args.epochs is not None else preset["epochs"]
     started = time.perf_counter()
     train_set = datasets.load(args.data, train=True, root=args.root)
     test_set = datasets.load(args.data, train=False, root=args.root)

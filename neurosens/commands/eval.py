@@ -9,23 +9,24 @@ CHOICES = ("clean", "fgsm", "pgd", "cw", "autoattack")
 
 def add_arguments(parser):
     from ..data import DATASETS
+    from . import count_or_zero, device, non_negative, out_file, positive, positive_int
 
     parser.add_argument("checkpoint", help="model.pt or checkpoint.pt written by `neurosens train`")
     parser.add_argument("--data", choices=sorted(DATASETS), help="data set (default: the one the model was trained on)")
     parser.add_argument("--root", help="data root (default: $NEUROSENS_DATA or ./data)")
-    parser.add_argument("--eps", type=float, required=True, help="attack budget in pixel units")
+    parser.add_argument("--eps", type=non_negative, required=True, help="attack budget in pixel units")
     parser.add_argument("--norm", default="linf", choices=["linf", "l2"], help="(default: linf)")
     parser.add_argument("--attacks", default="clean,fgsm,pgd,cw,autoattack",
                         help=f"comma-separated, from {', '.join(CHOICES)} (default: all)")
-    parser.add_argument("--steps", type=int, default=40, help="PGD and CW steps (default: 40)")
-    parser.add_argument("--alpha", type=float, help="PGD and CW step size (default: 2.5 * eps / steps)")
-    parser.add_argument("--restarts", type=int, default=1, help="PGD and CW random restarts (default: 1)")
-    parser.add_argument("-n", "--num", type=int, default=1000, help="first N test images (default: 1000; 0 for all)")
-    parser.add_argument("--batch-size", type=int, default=500, help="(default: 500)")
+    parser.add_argument("--steps", type=positive_int, default=40, help="PGD and CW steps (default: 40)")
+    parser.add_argument("--alpha", type=positive, help="PGD and CW step size (default: 2.5 * eps / steps)")
+    parser.add_argument("--restarts", type=positive_int, default=1, help="PGD and CW random restarts (default: 1)")
+    parser.add_argument("-n", "--num", type=count_or_zero, default=1000, help="first N test images (default: 1000; 0 for all)")
+    parser.add_argument("--batch-size", type=positive_int, default=500, help="(default: 500)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the random starts (default: 0)")
-    parser.add_argument("--threads", type=int, help="torch CPU threads")
-    parser.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when available)")
-    parser.add_argument("--json", dest="json_out", help="write the results to this JSON file")
+    parser.add_argument("--threads", type=positive_int, help="torch CPU threads")
+    parser.add_argument("--device", type=device, default=None, help="cpu, cuda or cuda:N (default: cuda when available)")
+    parser.add_argument("--json", dest="json_out", type=out_file, help="write the results to this JSON file")
 
 
 def run(args):

@@ -7,21 +7,22 @@ HELP = ("Compare trained models: robustness table, per-layer neuron sensitivity 
 
 def add_arguments(parser):
     from ..data import DATASETS
+    from . import count_or_zero, device, non_negative, out_dir, positive_int
 
     parser.add_argument("--models", nargs="+", required=True, help="model.pt or checkpoint.pt files from `neurosens train`")
     parser.add_argument("--labels", nargs="+", help="one name per model (default: each file's folder name)")
-    parser.add_argument("--out", required=True, help="output folder")
-    parser.add_argument("--eps", type=float, required=True, help="L-inf attack budget in pixel units")
+    parser.add_argument("--out", type=out_dir, required=True, help="output folder")
+    parser.add_argument("--eps", type=non_negative, required=True, help="L-inf attack budget in pixel units")
     parser.add_argument("--data", choices=sorted(DATASETS), help="data set (default: the one the first model was trained on)")
     parser.add_argument("--root", help="data root (default: $NEUROSENS_DATA or ./data)")
-    parser.add_argument("-n", "--num", type=int, default=1000, help="first N test images (default: 1000; 0 for all)")
-    parser.add_argument("--steps", type=int, default=20, help="PGD and CW steps (default: 20)")
+    parser.add_argument("-n", "--num", type=count_or_zero, default=1000, help="first N test images (default: 1000; 0 for all)")
+    parser.add_argument("--steps", type=positive_int, default=20, help="PGD and CW steps (default: 20)")
     parser.add_argument("--layers", default="auto", help="comma-separated layer names, or auto (default)")
     parser.add_argument("--intervene-on", help="label of the model the interventions run on (default: the first)")
     parser.add_argument("--intervene-layer", help="layer the interventions edit (default: the last hidden one)")
-    parser.add_argument("--seeds", type=int, default=3, help="random selections averaged per point (default: 3)")
-    parser.add_argument("--threads", type=int, help="torch CPU threads")
-    parser.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when available)")
+    parser.add_argument("--seeds", type=positive_int, default=3, help="random selections averaged per point (default: 3)")
+    parser.add_argument("--threads", type=positive_int, help="torch CPU threads")
+    parser.add_argument("--device", type=device, default=None, help="cpu, cuda or cuda:N (default: cuda when available)")
 
 
 def run(args):

@@ -1,16 +1,7 @@
 """`neurosens sensitivity`: measure a trained model's neuron sensitivity over a data set."""
 import os
-from fractions import Fraction
 
 HELP = "Measure per-neuron sensitivity of a trained model under attack; write report.json, CSVs and PNG plots."
-
-
-def number(text):
-    """A float, also written as a fraction such as 8/255."""
-    try:
-        return float(Fraction(text)) if "/" in text else float(text)
-    except (ValueError, ZeroDivisionError):
-        raise ValueError(f"not a number: {text!r}") from None
 
 
 def add_arguments(parser):
@@ -19,18 +10,19 @@ def add_arguments(parser):
     from ..data import DATASETS
     from ..models import MODELS
     from ..reference import METRICS
+    from . import device, non_negative, out_dir, positive, positive_int
 
     parser.add_argument("--model", required=True, metavar="CKPT", help="model.pt or checkpoint.pt written by training")
     parser.add_argument("--arch", choices=sorted(MODELS), help="architecture; default: the one recorded in the checkpoint")
     parser.add_argument("--data", choices=sorted(DATASETS), help="data set; default: the one recorded in the checkpoint")
     parser.add_argument("--data-root", help="folder holding the data sets (default: $NEUROSENS_DATA or ./data)")
     parser.add_argument("--split", choices=["test", "train"], default="test", help="which split to measure on (default: test)")
-    parser.add_argument("--samples", type=int, help="measure on this many samples (a seeded random subset); default: all")
-    parser.add_argument("--batch-size", type=int, default=256, help="benign/adversarial pairs per forward (default: 256)")
+    parser.add_argument("--samples", type=positive_int, help="measure on this many samples (a seeded random subset); default: all")
+    parser.add_argument("--batch-size", type=positive_int, default=256, help="benign/adversarial pairs per forward (default: 256)")
     parser.add_argument("--attack", choices=sorted(ATTACKS), default="pgd", help="attack crafting x' (default: pgd)")
-    parser.add_argument("--eps", type=number, help="attack budget in pixel units, e.g. 0.3 or 8/255; default: the training eps")
-    parser.add_argument("--alpha", type=number, help="step size for pgd/cw (default: 2.5 * eps / steps)")
-    parser.add_argument("--steps", type=int, default=20, help="steps for pgd/cw (default: 20)")
+    parser.add_argument("--eps", type=non_negative, help="attack budget in pixel units, e.g. 0.3 or 8/255; default: the training eps")
+    parser.add_argument("--alpha", type=positive, help="step size for pgd/cw (default: 2.5 * eps / steps)")
+    parser.add_argument("--steps", type=positive_int, default=20, help="steps for pgd/cw (default: 20)")
     parser.add_argument("--norm", choices=NORMS, default="linf", help="attack norm (default: linf)")
     parser.add_argument("--layers", nargs="+", default=["auto"], metavar="LAYER",
                         help="layer names, glob patterns (quote them: 'layer3.*.conv2'), module types such as nn.Conv2d, "
@@ -43,13 +35,13 @@ def add_arguments(parser):
     parser.add_argument("--channel-dim", type=int, default=None,
                         help="dim of the neurons of layers whose module does not say it: 1 for [N, C, ...], -1 for "
                              "[N, T, C] (default: inferred per layer; Linear: last dim, conv: dim 1)")
-    parser.add_argument("--top", type=int, default=3, help="most sensitive neurons to print per layer (default: 3)")
+    parser.add_argument("--top", type=positive_int, default=3, help="most sensitive neurons to print per layer (default: 3)")
     parser.add_argument("--label", help="name of this model in tables and plots (default: the checkpoint's folder name)")
     parser.add_argument("--compare", nargs="+", default=[], metavar="REPORT",
                         help="report.json files of other models for the same plots and a comparison table (ratios are to the first)")
-    parser.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda when available)")
+    parser.add_argument("--device", type=device, help="cpu, cuda, cuda:1, ... (default: cuda when available)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the subset and of the attack's random start")
-    parser.add_argument("--out", required=True, metavar="DIR", help="folder for report.json, CSVs and PNGs")
+    parser.add_argument("--out", type=out_dir, required=True, metavar="DIR", help="folder for report.json, CSVs and PNGs")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
 
 
@@ -92,10 +84,6 @@ def run(args):
     from ..report import SensitivityReport, compare
     from ..sensitivity import describe, measure
 
-    if args.samples is not None and args.samples < 1:
-        raise SystemExit("neurosens sensitivity: --samples must be at least 1")
-    if args.top < 1:
-        raise SystemExit("neurosens sensitivity: --top must be at least 1")
     device = default_device(args.device)
     try:
         others = [SensitivityReport.from_json(path) for path in args.compare]

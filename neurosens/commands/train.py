@@ -11,51 +11,70 @@ def add_arguments(parser):
     from ..methods import METHODS
     from ..sns import SNSConfig
     from ..training import TrainConfig
+    from . import count_or_zero, device, fraction, non_negative, out_dir, positive, positive_int
 
     d = TrainConfig()
     parser.add_argument("--arch", default="small-cnn", choices=sorted(MODELS), help="architecture (default: small-cnn)")
-    parser.add_argument("--width", type=int, help="small-cnn: channels of conv1 (default: 16)")
+    parser.add_argument("--width", type=positive_int, help="small-cnn: channels of conv1 (default: 16)")
     parser.add_argument("--data", default="mnist", choices=sorted(DATASETS), help="data set (default: mnist)")
     parser.add_argument("--root", help="data root (default: $NEUROSENS_DATA or ./data)")
-    parser.add_argument("--train-limit", type=int, help="train on a seeded random subset of this many images")
+    parser.add_argument("--train-limit", type=positive_int, help="train on a seeded random subset of this many images")
     parser.add_argument("--no-normalize", action="store_true", help="no Normalize layer in the model")
     parser.add_argument("--method", default=d.method, choices=sorted(METHODS), help=f"training method (default: {d.method})")
-    parser.add_argument("--eps", type=float, default=d.eps, help="L-inf (or L2) budget in pixel units (default: 8/255)")
-    parser.add_argument("--alpha", type=float, help="PGD step size while training (default: 2.5 * eps / steps)")
-    parser.add_argument("--steps", type=int, default=d.steps, help=f"PGD steps while training (default: {d.steps})")
+    parser.add_argument("--eps", type=non_negative, default=d.eps, help="L-inf (or L2) budget in pixel units (default: 8/255)")
+    parser.add_argument("--alpha", type=positive, help="PGD step size while training (default: 2.5 * eps / steps)")
+    parser.add_argument("--steps", type=positive_int, default=d.steps, help=f"PGD steps while training (default: {d.steps})")
     parser.add_argument("--norm", default=d.norm, choices=["linf", "l2"], help="attack norm (default: linf)")
-    parser.add_argument("--eps-warmup", type=float, default=d.eps_warmup, help="epochs over which eps ramps up from 0 (default: 0)")
-    parser.add_argument("--beta", type=float, default=d.beta, help=f"TRADES weight (default: {d.beta})")
+    parser.add_argument("--eps-warmup", type=non_negative, default=d.eps_warmup, help="epochs over which eps ramps up from 0 (default: 0)")
+    parser.add_argument("--beta", type=non_negative, default=d.beta, help=f"TRADES weight (default: {d.beta})")
     sns = parser.add_argument_group("SNS (--method sns)")
     for field in dataclasses.fields(SNSConfig):
         flag, meta = "--sns-" + field.name.replace("_", "-"), field.metadata
         if meta["type"] is bool:
             sns.add_argument(flag, action="store_true", help=meta["help"])
         else:
-            sns.add_argument(flag, type=meta["type"], choices=meta["choices"], default=field.default,
+            sns.add_argument(flag, type=meta["type"] and _checked(field), choices=meta["choices"], default=field.default,
                              help=f"{meta['help']} (default: {field.default})")
-    parser.add_argument("--epochs", type=int, default=d.epochs, help=f"epochs (default: {d.epochs})")
-    parser.add_argument("--batch-size", type=int, default=d.batch_size, help=f"global batch size (default: {d.batch_size})")
+    parser.add_argument("--epochs", type=positive_int, default=d.epochs, help=f"epochs (default: {d.epochs})")
+    parser.add_argument("--batch-size", type=positive_int, default=d.batch_size, help=f"global batch size (default: {d.batch_size})")
     parser.add_argument("--optimizer", default=d.optimizer, choices=TrainConfig.OPTIMIZERS, help=f"(default: {d.optimizer})")
-    parser.add_argument("--lr", type=float, default=d.lr, help=f"peak learning rate (default: {d.lr})")
-    parser.add_argument("--momentum", type=float, default=d.momentum, help=f"SGD momentum (default: {d.momentum})")
-    parser.add_argument("--weight-decay", type=float, default=d.weight_decay, help=f"(default: {d.weight_decay})")
+    parser.add_argument("--lr", type=positive, default=d.lr, help=f"peak learning rate (default: {d.lr})")
+    parser.add_argument("--momentum", type=non_negative, default=d.momentum, help=f"SGD momentum (default: {d.momentum})")
+    parser.add_argument("--weight-decay", type=non_negative, default=d.weight_decay, help=f"(default: {d.weight_decay})")
     parser.add_argument("--schedule", default=d.schedule, choices=TrainConfig.SCHEDULES, help=f"learning-rate schedule (default: {d.schedule})")
-    parser.add_argument("--milestones", type=float, nargs="+", default=list(d.milestones),
+    parser.add_argument("--milestones", type=fraction, nargs="+", default=list(d.milestones),
                         help="step schedule: fractions of the run where lr is multiplied by --gamma (default: 0.5 0.75)")
-    parser.add_argument("--gamma", type=float, default=d.gamma, help=f"step schedule factor (default: {d.gamma})")
-    parser.add_argument("--eval-steps", type=int, default=d.eval_steps, help=f"PGD steps of the per-epoch evaluation (default: {d.eval_steps})")
-    parser.add_argument("--eval-alpha", type=float, help="its step size (default: 2.5 * eps / eval-steps)")
-    parser.add_argument("--eval-limit", type=int, default=d.eval_limit, help=f"test images evaluated each epoch (default: {d.eval_limit})")
+    parser.add_argument("--gamma", type=positive, default=d.gamma, help=f"step schedule factor (default: {d.gamma})")
+    parser.add_argument("--eval-steps", type=positive_int, default=d.eval_steps, help=f"PGD steps of the per-epoch evaluation (default: {d.eval_steps})")
+    parser.add_argument("--eval-alpha", type=positive, help="its step size (default: 2.5 * eps / eval-steps)")
+    parser.add_argument("--eval-limit", type=count_or_zero, default=d.eval_limit, help=f"test images evaluated each epoch (default: {d.eval_limit})")
     parser.add_argument("--amp", action="store_true", help="mixed precision (CUDA only)")
     parser.add_argument("--channels-last", action="store_true", help="channels_last memory format")
     parser.add_argument("--seed", type=int, default=d.seed, help=f"(default: {d.seed})")
-    parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
-    parser.add_argument("--workers", type=int, default=0, help="DataLoader worker processes (default: 0)")
-    parser.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda when available)")
-    parser.add_argument("--out", required=True, help="run folder: checkpoint.pt, metrics.jsonl, model.pt")
-    parser.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt when it exists")
+    parser.add_argument("--threads", type=positive_int, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument("--workers", type=count_or_zero, default=0, help="DataLoader worker processes (default: 0)")
+    parser.add_argument("--device", type=device, help="cpu, cuda or cuda:N (default: cuda when available)")
+    parser.add_argument("--out", type=out_dir, required=True, help="run folder: checkpoint.pt, metrics.jsonl, model.pt")
+    parser.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt when it exists; the options must be the run's, "
+                        "except --no-progress, --workers and --eval-steps/--eval-alpha/--eval-limit")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars or per-epoch lines")
+
+
+def _checked(field):
+    """The type of an ``--sns-*`` flag: the field's parser, then SNSConfig's check of the value."""
+    import argparse
+
+    from ..sns import SNSConfig
+
+    def parse(text):
+        try:
+            value = field.metadata["type"](text)
+            SNSConfig(**{field.name: value}).check("SNS", per_epoch=True)
+        except (ValueError, TypeError) as err:
+            raise argparse.ArgumentTypeError(str(err)) from None
+        return value
+
+    return parse
 
 
 def run(args):

@@ -3,14 +3,12 @@
 Images are kept as uint8 and turned into float32 in [0, 1] per sample; any normalization belongs
 to the model (see :class:`neurosens.models.Normalize`), so attack budgets are in pixel units.
 """
-import pickle
 from pathlib import Path
 
-import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, RandomSampler, SequentialSampler
 
-from .files import SOURCES, data_root, read_idx, verify
+from .files import PINNED_MD5, SOURCES, data_root, read_cifar_batch, read_idx, verify, verify_pinned
 
 #: Per-data-set channel statistics, for the model's Normalize layer.
 STATS = {
@@ -76,7 +74,8 @@ def _find(directory, stem):
 def idx_dataset(directory, train=True, name="idx", check=True):
     """The train or test split of an MNIST-layout folder (``train-images-idx3-ubyte[.gz]`` ...).
 
-    With ``check``, files whose names are pinned in :data:`SOURCES` for ``name`` are verified."""
+    With ``check``, a data set pinned in :data:`SOURCES` reads only its pinned files, verified
+    (a gzip whose plain name is pinned by the hash of its content)."""
     directory = Path(directory)
     paths = [_find(directory, stem) for stem in _SPLITS["train" if train else "test"]]
     if None in paths:
@@ -84,9 +83,9 @@ def idx_dataset(directory, train=True, name="idx", check=True):
         hint = f"; run `neurosens data fetch {name}`" if name in SOURCES else ""
         raise FileNotFoundError(f"{directory}: no {' or '.join(missing)} (plain or .gz){hint}")
     pinned = SOURCES.get(name, {}).get("files", {}) if check else {}
-    for path in paths:
-        if path.name in pinned:
-            verify(path, pinned[path.name])
+    if pinned:
+        for path in paths:
+            verify_pinned(path, pinned)
     images, labels = (read_idx(p) for p in paths)
     if images.dim() != 3 or labels.dim() != 1 or len(images) != len(labels):
         raise ValueError(f"{directory}: images {tuple(images.shape)} and labels {tuple(labels.shape)} do not pair up")
@@ -118,21 +117,20 @@ def digits(train=True, size=28, test_size=297, seed=0):
     return ImageDataset(x[part], y[part], 10, "digits")
 
 
-def cifar10(train=True, root=None):
-    """CIFAR-10 from ``<root>/cifar-10-batches-py`` (the layout torchvision downloads)."""
+def cifar10(train=True, root=None, check=True):
+    """CIFAR-10 from ``<root>/cifar-10-batches-py`` (the layout torchvision downloads). With
+    ``check`` each batch must have the published md5; batches are read without running code."""
     directory = data_root(root) / "cifar-10-batches-py"
     names = [f"data_batch_{i}" for i in range(1, 6)] if train else ["test_batch"]
     missing = [n for n in names if not (directory / n).is_file()]
     if missing:
         raise FileNotFoundError(f"{directory}: missing {', '.join(missing)}; put the python version of CIFAR-10 "
                                 f"(cifar-10-python.tar.gz, extracted) there or pass --root")
-    images, labels = [], []
-    for n in names:
-        with open(directory / n, "rb") as f:
-            batch = pickle.load(f, encoding="bytes")
-        images.append(np.asarray(batch[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32))
-        labels.extend(batch[b"labels"])
-    return ImageDataset(torch.from_numpy(np.concatenate(images)), torch.tensor(labels), 10, "cifar10")
+    if check:
+        for n in names:
+            verify(directory / n, PINNED_MD5["cifar10"][n], "md5")
+    images, labels = zip(*(read_cifar_batch(directory / n) for n in names))
+    return ImageDataset(torch.cat(images), torch.cat(labels), 10, "cifar10")
 
 
 def synthetic(size=1024, shape=(3, 32, 32), num_classes=10, noise=0.15, seed=0):

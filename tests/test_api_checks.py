@@ -1,0 +1,102 @@
+"""Integers given as numpy or 0-d tensor values are taken where ints are; bools are not; reports
+read from JSON are checked field by field and written as strict JSON."""
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from neurosens import NeuronSensitivity, SensitivityReport, SNSRegularizer, compare, ops
+from neurosens.reference import neuron_distance as reference_distance
+from neurosens.selection import resolve_k
+
+
+@pytest.mark.parametrize("k", [np.int64(2), np.int32(2), torch.tensor(2)])
+def test_integer_like_k_is_a_count(k):
+    assert resolve_k(k, 5) == 2 and type(resolve_k(k, 5)) is int
+    model = nn.Sequential(nn.Linear(4, 5))
+    reg = SNSRegularizer(model, layers=["0"], k=k)
+    torch.manual_seed(0)
+    x = torch.randn(3, 4)
+    with reg.capture():
+        model(x), model(x + 1)
+    reg.loss()
+    assert reg.selections["0"].numel() == 2
+
+
+def test_float_like_k_is_a_fraction():
+    assert resolve_k(np.float64(0.5), 6) == 3
+
+
+@pytest.mark.parametrize("dim", [np.int64(1), torch.tensor(1), np.int64(-1)])
+def test_integer_like_channel_dim(dim):
+    torch.manual_seed(0)
+    a, b = torch.randn(3, 4), torch.randn(3, 4)
+    torch.testing.assert_close(ops.neuron_distance(a, b, channel_dim=dim).sum, reference_distance(a, b, channel_dim=1))
+    meter = NeuronSensitivity(nn.Sequential(nn.Linear(4, 4)), layers=["0"], channel_dim=dim)
+    meter.update(a, b)
+    assert meter.compute()["0"].numel() == 4
+
+
+def test_bools_are_not_ints():
+    with pytest.raises(TypeError, match=r"channel_dim=True .*bool"):
+        NeuronSensitivity(nn.Sequential(nn.Linear(4, 4)), layers=["0"], channel_dim=True)
+    with pytest.raises(TypeError, match=r"channel_dim=True .*bool"):
+        ops.neuron_distance(torch.randn(2, 3), torch.randn(2, 3), channel_dim=True)
+    with pytest.raises(TypeError, match=r"k must be an int count or a float fraction, got True"):
+        resolve_k(True, 4)
+
+
+def report_dict(**changes):
+    data = {"format": "neurosens.sensitivity/1", "meta": {"metric": "l1"}, "sensitivity": {"conv1": [0.5, 0.25]}}
+    data.update(changes)
+    return data
+
+
+@pytest.mark.parametrize("data, message", [
+    (report_dict(meta=[1]), r"'meta' must be an object, got list"),
+    (report_dict(sensitivity=[1.0]), r"'sensitivity' must be an object of layer -> list of numbers, got list"),
+    (report_dict(sensitivity={"conv1": "0.5"}), r"sensitivity\['conv1'\] must be a list of numbers, got str"),
+    (report_dict(sensitivity={"conv1": [0.5, "x"]}), r"sensitivity\['conv1'\]\[1\] must be a number, got str"),
+    (report_dict(sensitivity={"conv1": [0.5, True]}), r"sensitivity\['conv1'\]\[1\] must be a number, got bool"),
+    (report_dict(sensitivity={"conv1": [0.5, -0.1]}), r"sensitivity\['conv1'\]\[1\] = -0.1 is negative"),
+    (report_dict(sensitivity=None), r"'sensitivity' must be an object"),
+])
+def test_from_dict_names_the_field_at_fault(data, message):
+    with pytest.raises(ValueError, match=message):
+        SensitivityReport.from_dict(data)
+
+
+def test_files_and_text_are_told_apart_by_the_call(tmp_path):
+    report = SensitivityReport({"a": [0.5, 0.25]}, {"metric": "l1"})
+    path = tmp_path / "{odd name"
+    report.to_json(path)
+    assert SensitivityReport.from_json(path).layers == ["a"]
+    assert SensitivityReport.from_json(str(path)).layers == ["a"]
+    assert SensitivityReport.loads(report.to_json()).layers == ["a"]
+    with pytest.raises(FileNotFoundError):
+        SensitivityReport.from_json(str(tmp_path / "missing.json"))
+
+
+def test_non_finite_values_round_trip_as_strict_json(tmp_path):
+    report = SensitivityReport({"a": [math.nan, math.inf, 0.5]}, {"metric": "l1", "acc": math.nan})
+    text = report.to_json(tmp_path / "r.json")
+
+    def refuse(token):
+        raise AssertionError(f"non-standard JSON token {token}")
+
+    json.loads(text, parse_constant=refuse)
+    back = SensitivityReport.from_json(tmp_path / "r.json")
+    assert math.isnan(back["a"][0]) and back["a"][1] == math.inf and back["a"][2] == 0.5
+    assert math.isnan(back.meta["acc"])
+
+
+def test_compare_handles_nan_layer_means():
+    nan = SensitivityReport({"a": [math.nan, 1.0]}, {"metric": "l1"})
+    fine = SensitivityReport({"a": [0.5, 1.5]}, {"metric": "l1"})
+    table = compare([fine, nan], ["fine", "nan"])
+    assert table.means["fine"]["all layers"] == 1.0
+    assert math.isnan(table.means["nan"]["all layers"])
+    assert math.isnan(table.ratio("nan", "a"))

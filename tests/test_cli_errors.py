@@ -1,0 +1,119 @@
+"""Every user error of the command line gives one line on stderr naming what is at fault and a
+non-zero exit, before any expensive work, never a traceback."""
+import pytest
+
+from neurosens.checkpoint import save_checkpoint
+from neurosens.cli import main
+
+from conftest import CUDA, SPEC, fresh_model
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cli")
+    model = root / "run" / "model.pt"
+    model.parent.mkdir()
+    save_checkpoint({"model": fresh_model().state_dict(), "meta": {"model": SPEC, "data": "digits8"},
+                     "config": {"eps": 0.1}}, model)
+    (root / "empty.pt").write_bytes(b"")
+    (root / "corrupt.pt").write_bytes(b"PK\x03\x04" + bytes(range(256)))
+    (root / "a-file").write_text("x")
+    (root / "no-data").mkdir()
+    return root
+
+
+def one_line_error(capsys, argv):
+    try:
+        code = main(argv)
+    except SystemExit as exit:
+        code = exit.code
+    err = capsys.readouterr().err
+    if isinstance(code, str):  # the interpreter prints it to stderr and exits with status 1
+        err, code = err + code + "\n", 1
+    lines = err.strip().splitlines()
+    assert code not in (0, None), f"{argv} exited 0"
+    assert len(lines) == 1, f"{argv}: stderr is not one line:\n{err}"
+    assert "Traceback" not in err
+    return lines[0]
+
+
+def sub(files, argv):
+    return [str(files / a[1:]) if a.startswith("@") else a for a in argv]
+
+
+TRAIN = ["train", "--data", "digits8", "--width", "8", "--epochs", "1", "--no-progress", "--out", "@run-new"]
+EVAL = ["eval", "@run/model.pt", "--eps", "0.1", "--attacks", "clean"]
+SENS = ["sensitivity", "--model", "@run/model.pt", "--samples", "8", "--no-progress", "--out", "@sens"]
+REPORT = ["report", "--models", "@run/model.pt", "--eps", "0.1", "--out", "@rep"]
+DEMO = ["demo", "--out", "@demo"]
+
+CASES = [
+    # train
+    (TRAIN + ["--eps", "-1"], "--eps"),
+    (TRAIN + ["--eps", "inf"], "--eps"),
+    (TRAIN + ["--steps", "0"], "--steps"),
+    (TRAIN + ["--batch-size", "0"], "--batch-size"),
+    (TRAIN + ["--sns-k", "0"], "--sns-k"),
+    (TRAIN + ["--device", "foo"], "--device"),
+    (TRAIN + ["--out", "@a-file"], "--out"),
+    (TRAIN + ["--gamma", "-0.1"], "--gamma"),
+    (TRAIN + ["--milestones", "0.5", "1.5"], "--milestones"),
+    (TRAIN + ["--milestones", "0"], "--milestones"),
+    (TRAIN + ["--train-limit", "-5"], "--train-limit"),
+    (TRAIN + ["--train-limit", "0"], "--train-limit"),
+    (TRAIN + ["--width", "0"], "--width"),
+    (TRAIN + ["--threads", "0"], "--threads"),
+    (TRAIN + ["--lr", "nan"], "--lr"),
+    (["train", "--data", "mnist", "--root", "@no-data", "--out", "@run-new"], "mnist"),
+    # eval
+    (["eval", "@missing.pt", "--eps", "0.1"], "missing.pt"),
+    (["eval", "@empty.pt", "--eps", "0.1"], "empty.pt"),
+    (["eval", "@corrupt.pt", "--eps", "0.1"], "corrupt.pt"),
+    (EVAL + ["--json", "@nowhere/out.json"], "--json"),
+    (EVAL + ["-n", "-5"], "--num"),
+    (EVAL + ["--eps", "-1"], "--eps"),
+    (EVAL + ["--steps", "0"], "--steps"),
+    (EVAL + ["--batch-size", "0"], "--batch-size"),
+    (EVAL + ["--device", "foo"], "--device"),
+    (EVAL + ["--threads", "0"], "--threads"),
+    (EVAL + ["--attacks", "clean,nope"], "--attacks"),
+    # sensitivity
+    (SENS + ["--out", "@a-file"], "--out"),
+    (SENS + ["--samples", "0"], "--samples"),
+    (SENS + ["--batch-size", "0"], "--batch-size"),
+    (SENS + ["--eps", "inf"], "--eps"),
+    (SENS + ["--steps", "0"], "--steps"),
+    (SENS + ["--top", "0"], "--top"),
+    (["sensitivity", "--model", "@empty.pt", "--out", "@sens"], "empty.pt"),
+    (SENS + ["--compare", "@a-file"], "a-file"),
+    # report
+    (REPORT + ["--seeds", "0"], "--seeds"),
+    (REPORT + ["-n", "-5"], "--num"),
+    (REPORT + ["--out", "@a-file"], "--out"),
+    (REPORT + ["--eps", "-1"], "--eps"),
+    (["report", "--models", "@corrupt.pt", "--eps", "0.1", "--out", "@rep"], "corrupt.pt"),
+    # demo
+    (DEMO + ["--epochs", "0"], "--epochs"),
+    (DEMO + ["--eps", "-1"], "--eps"),
+    (DEMO + ["--threads", "0"], "--threads"),
+    (DEMO + ["--out", "@a-file"], "--out"),
+]
+
+
+@pytest.mark.parametrize("argv, names", CASES, ids=[" ".join(c[0][:1] + c[0][-2:]) for c in CASES])
+def test_user_errors_give_one_line(files, capsys, argv, names):
+    line = one_line_error(capsys, sub(files, argv))
+    assert names in line, line
+
+
+@pytest.mark.skipif(CUDA, reason="checks the message given without a GPU")
+def test_cuda_without_a_gpu_is_one_line(files, capsys):
+    line = one_line_error(capsys, sub(files, EVAL + ["--device", "cuda"]))
+    assert "--device" in line and "CUDA" in line
+
+
+def test_sensitivity_refuses_a_bad_out_before_measuring(files, capsys, monkeypatch):
+    import neurosens.sensitivity
+
+    monkeypatch.setattr(neurosens.sensitivity, "measure", lambda *a, **k: pytest.fail("measured before checking --out"))
+    one_line_error(capsys, sub(files, SENS + ["--out", "@a-file"]))
