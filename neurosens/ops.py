@@ -263,6 +263,14 @@ def _register_python_parts():
 
     torch.library.register_autograd("neurosens::stabilize", backward, setup_context=setup_context)
 
+    def double_backward(ctx, _grad_a, _grad_b):
+        raise RuntimeError(
+            "neurosens.stabilize: second-order gradients are not supported (its fused backward is not differentiable); "
+            "use neurosens.reference.stabilize for double backward"
+        )
+
+    torch.library.register_autograd("neurosens::_stabilize_backward", double_backward, setup_context=lambda ctx, inputs, output: None)
+
 
 if _C is not None:
     _register_python_parts()
