@@ -51,11 +51,14 @@ $(OLD_VENV)/.torch:
 	$(OLD_PY) -m pip install --quiet 'torch==$(TORCH_COMPAT).*' ninja pybind11 numpy pytest hypothesis expecttest
 	touch $@
 
-# Builds out of tree (a wheel) so that the main environment's in-place extension is left alone.
+# Builds a wheel from a copy of the sources, so that neither environment's build/ objects are
+# overwritten by the other's.
 $(OLD_VENV)/.neurosens: $(OLD_VENV)/.torch $(EXT_SOURCES)
-	rm -rf build/torch-$(TORCH_COMPAT)
-	FORCE_CUDA=$(FORCE_CUDA) CUDA_HOME=$(CUDA_HOME) TORCH_CUDA_ARCH_LIST=9.0 MAX_JOBS=$${MAX_JOBS:-2} \
-		$(OLD_PY) -m pip wheel --quiet --no-build-isolation --no-deps -w build/torch-$(TORCH_COMPAT) .
+	rm -rf build/torch-$(TORCH_COMPAT) && mkdir -p build/torch-$(TORCH_COMPAT)/src
+	tar -c --exclude=./build --exclude='./.venv*' --exclude=./data --exclude=./.git --exclude='*.so' . \
+		| tar -x -C build/torch-$(TORCH_COMPAT)/src
+	cd build/torch-$(TORCH_COMPAT)/src && FORCE_CUDA=$(FORCE_CUDA) CUDA_HOME=$(CUDA_HOME) TORCH_CUDA_ARCH_LIST=9.0 \
+		MAX_JOBS=$${MAX_JOBS:-2} $(CURDIR)/$(OLD_PY) -m pip wheel --quiet --no-build-isolation --no-deps -w .. .
 	$(OLD_PY) -m pip install --quiet --force-reinstall --no-deps build/torch-$(TORCH_COMPAT)/neurosens-*.whl
 	$(OLD_PY) -m pip install --quiet tqdm matplotlib scikit-learn
 	touch $@
