@@ -88,7 +88,7 @@ struct BlockedSums {
 // its sign rather than 0 * inf.
 template <typename acc_t>
 C10_HOST_DEVICE inline acc_t times(acc_t k, acc_t v) {
-  return k == acc_t(0) ? acc_t(0) : k * v;
+  return k * (k == acc_t(0) ? acc_t(0) : v);
 }
 
 template <typename acc_t>

@@ -40,9 +40,8 @@ inline Offsets offsets(const PairLayout& L, int64_t n, int64_t c, int64_t i0, in
 // Neurons adjacent in memory (channels_last, [N, C], [N, T, C]) are walked by columns: a sample
 // at a time, position by position, all neurons at once. Other layouts are walked by runs: a map
 // at a time, along its innermost spatial dim (one run per map for contiguous NCHW).
-
-// Splits the work into tasks of about kGrainElements elements: task(begin, end) gets samples when
-// walking by columns, else maps r = n * C + c.
+// parallel_tasks splits the work into tasks of about kGrainElements elements: task(begin, end)
+// gets samples when walking by columns, else maps r = n * C + c.
 template <typename Task>
 void parallel_tasks(const PairLayout& L, const Task& task) {
   const bool columns = L.by_columns();
@@ -57,6 +56,16 @@ inline void walk_columns(const PairLayout& L, int64_t n, F&& f) {
   for (int64_t i0 = 0; i0 < L.size[0]; ++i0)
     for (int64_t i1 = 0; i1 < L.size[1]; ++i1)
       for (int64_t i2 = 0; i2 < L.size[2]; ++i2) f(offsets(L, n, 0, i0, i1, i2));
+}
+
+// f(r, n, c) for each map r = n * C + c of [begin, end), without a division per map.
+template <typename F>
+inline void for_each_map(const PairLayout& L, int64_t begin, int64_t end, F&& f) {
+  int64_t n = begin / L.C, c = begin % L.C;
+  for (int64_t r = begin; r < end; ++r) {
+    f(r, n, c);
+    if (++c == L.C) c = 0, ++n;
+  }
 }
 
 // f(o, len) for each run of map (n, c); element i of the run is at o.t[t] + i * L.ss[t][2].
@@ -99,20 +108,21 @@ inline void stats_of_columns(const scalar_t* __restrict__ a, const scalar_t* __r
                                   s4[c], s5[c]);
 }
 
-// Moves the C partial sums of each statistic in kMask into the double totals.
+// Moves the C partial sums of each statistic in kMask into the double totals (`first`: the
+// totals start there).
 template <int kMask, typename acc_t>
-inline void flush_columns(int64_t C, acc_t* part, double* total) {
+inline void flush_columns(int64_t C, bool first, acc_t* part, double* total) {
   for (int s = 0; s < kNumStats; ++s) {
     if (!has_stat(kMask, s)) continue;
-    for (int64_t c = 0; c < C; ++c) total[s * C + c] += static_cast<double>(part[s * C + c]);
+    for (int64_t c = 0; c < C; ++c) total[s * C + c] = (first ? 0.0 : total[s * C + c]) + part[s * C + c];
     std::fill_n(part + s * C, C, acc_t(0));
   }
 }
 
-// Writes every statistic of one map: those outside `keep` as zero.
-template <typename acc_t>
-inline void store_stats(const double* total, int64_t total_step, int keep, acc_t* out) {
-  for (int s = 0; s < kNumStats; ++s) out[s] = has_stat(keep, s) ? static_cast<acc_t>(total[s * total_step]) : acc_t(0);
+// Writes every statistic of one map from its sums, `step` apart: those outside `keep` as zero.
+template <typename sum_t, typename acc_t>
+inline void store_stats(const sum_t* sums, int64_t step, int keep, acc_t* out) {
+  for (int s = 0; s < kNumStats; ++s) out[s] = has_stat(keep, s) ? static_cast<acc_t>(sums[s * step]) : acc_t(0);
 }
 
 // f(std::integral_constant<int, mask>) with the statistics the public ops ask for compiled as their
@@ -141,35 +151,35 @@ NEUROSENS_CLONES void stats_task(const scalar_t* pa, const scalar_t* pb, const P
     std::vector<acc_t> part(kNumStats * L.C);
     std::vector<double> total(kNumStats * L.C);
     for (int64_t n = begin; n < end; ++n) {
-      for (int s = 0; s < kNumStats; ++s) {
-        if (!has_stat(kMask, s)) continue;
-        std::fill_n(part.begin() + s * L.C, L.C, acc_t(0));
-        std::fill_n(total.begin() + s * L.C, L.C, 0.0);
-      }
-      int positions = 0;
+      for (int s = 0; s < kNumStats; ++s)
+        if (has_stat(kMask, s)) std::fill_n(part.begin() + s * L.C, L.C, acc_t(0));
+      int64_t positions = 0;
       walk_columns(L, n, [&](const Offsets& o) {
         stats_of_columns<kMask, scalar_t, acc_t>(pa + o.t[0], pb + o.t[1], L.C, part.data());
-        if (++positions == kSumBlock) {
-          flush_columns<kMask, acc_t>(L.C, part.data(), total.data());
-          positions = 0;
-        }
+        if (++positions % kSumBlock == 0) flush_columns<kMask, acc_t>(L.C, positions == kSumBlock, part.data(), total.data());
       });
-      flush_columns<kMask, acc_t>(L.C, part.data(), total.data());
-      for (int64_t c = 0; c < L.C; ++c) store_stats(total.data() + c, L.C, keep, po + (n * L.C + c) * kNumStats);
+      acc_t* out = po + n * L.C * kNumStats;
+      if (positions < kSumBlock) {
+        // One block: the partial sums are the sums.
+        for (int64_t c = 0; c < L.C; ++c) store_stats(part.data() + c, L.C, keep, out + c * kNumStats);
+        continue;
+      }
+      if (positions % kSumBlock != 0) flush_columns<kMask, acc_t>(L.C, false, part.data(), total.data());
+      for (int64_t c = 0; c < L.C; ++c) store_stats(total.data() + c, L.C, keep, out + c * kNumStats);
     }
     return;
   }
   const bool unit = L.ss[0][kMaxSpatial - 1] == 1 && L.ss[1][kMaxSpatial - 1] == 1;
-  for (int64_t r = begin; r < end; ++r) {
+  for_each_map(L, begin, end, [&](int64_t r, int64_t n, int64_t c) {
     double total[kNumStats] = {};
-    walk_runs(L, r / L.C, r % L.C, [&](const Offsets& o, int64_t len) {
+    walk_runs(L, n, c, [&](const Offsets& o, int64_t len) {
       if (unit)
         stats_of_run<kMask, true, scalar_t, acc_t>(pa + o.t[0], pb + o.t[1], len, 1, 1, total);
       else
         stats_of_run<kMask, false, scalar_t, acc_t>(pa + o.t[0], pb + o.t[1], len, L.ss[0][2], L.ss[1][2], total);
     });
     store_stats(total, 1, keep, po + r * kNumStats);
-  }
+  });
 }
 
 at::Tensor pair_stats_cpu(const at::Tensor& a, const at::Tensor& b, int64_t channel_dim, int64_t stats) {
@@ -189,67 +199,71 @@ at::Tensor pair_stats_cpu(const at::Tensor& a, const at::Tensor& b, int64_t chan
   return out;
 }
 
+// Gradients of one run with the coefficients k of its map. kUnit: stride 1 in all four tensors.
+// The gradient loops are functions of their own: inlined into the task they do not vectorize.
+template <bool kUnit, typename scalar_t, typename acc_t>
+NEUROSENS_CLONES void grad_of_run(const scalar_t* __restrict__ a, const scalar_t* __restrict__ b, int64_t len,
+                        const int64_t* stride, const acc_t* k, scalar_t* __restrict__ ga, scalar_t* __restrict__ gb) {
+  const acc_t aa = k[kAA], ab = k[kAB], ba = k[kBA], bb = k[kBB], sign = k[kSign];
+  const int64_t sa = stride[0], sb = stride[1], sga = stride[2], sgb = stride[3];
+#pragma omp simd
+  for (int64_t i = 0; i < len; ++i) {
+    acc_t gx, gy;
+    pair_grad<acc_t>(aa, ab, ba, bb, sign, static_cast<acc_t>(a[kUnit ? i : i * sa]),
+                     static_cast<acc_t>(b[kUnit ? i : i * sb]), gx, gy);
+    ga[kUnit ? i : i * sga] = static_cast<scalar_t>(gx);
+    gb[kUnit ? i : i * sgb] = static_cast<scalar_t>(gy);
+  }
+}
+
+// One position of every neuron of a sample; k holds kNumCoefs rows of C coefficients.
+template <typename scalar_t, typename acc_t>
+NEUROSENS_CLONES void grad_of_columns(const scalar_t* __restrict__ a, const scalar_t* __restrict__ b, int64_t C,
+                            const acc_t* __restrict__ k, scalar_t* __restrict__ ga, scalar_t* __restrict__ gb) {
+#pragma omp simd
+  for (int64_t c = 0; c < C; ++c) {
+    acc_t gx, gy;
+    pair_grad<acc_t>(k[kAA * C + c], k[kAB * C + c], k[kBA * C + c], k[kBB * C + c], k[kSign * C + c],
+                     static_cast<acc_t>(a[c]), static_cast<acc_t>(b[c]), gx, gy);
+    ga[c] = static_cast<scalar_t>(gx);
+    gb[c] = static_cast<scalar_t>(gy);
+  }
+}
+
 template <typename scalar_t, typename acc_t>
 NEUROSENS_CLONES void grad_task(const scalar_t* pa, const scalar_t* pb, const acc_t* pst, const acc_t* pw, Metric metric,
                                 const PairLayout& L, scalar_t* pga, scalar_t* pgb, int64_t begin, int64_t end) {
   const acc_t D = static_cast<acc_t>(L.D);
   if (L.by_columns()) {
     std::vector<acc_t> coef(kNumCoefs * L.C);
-    acc_t* __restrict__ k = coef.data();
     for (int64_t n = begin; n < end; ++n) {
       for (int64_t c = 0; c < L.C; ++c) {
-        acc_t kc[kNumCoefs];
-        grad_coefficients<acc_t>(metric, pst + (n * L.C + c) * kNumStats, pw[c], D, kc);
-        for (int i = 0; i < kNumCoefs; ++i) k[i * L.C + c] = kc[i];
+        acc_t k[kNumCoefs];
+        grad_coefficients<acc_t>(metric, pst + (n * L.C + c) * kNumStats, pw[c], D, k);
+        for (int i = 0; i < kNumCoefs; ++i) coef[i * L.C + c] = k[i];
       }
-      const int64_t C = L.C;
       walk_columns(L, n, [&](const Offsets& o) {
-        const scalar_t* __restrict__ a = pa + o.t[0];
-        const scalar_t* __restrict__ b = pb + o.t[1];
-        scalar_t* __restrict__ ga = pga + o.t[2];
-        scalar_t* __restrict__ gb = pgb + o.t[3];
-#pragma omp simd
-        for (int64_t c = 0; c < C; ++c) {
-          acc_t gx, gy;
-          pair_grad<acc_t>(k[kAA * C + c], k[kAB * C + c], k[kBA * C + c], k[kBB * C + c], k[kSign * C + c],
-                           static_cast<acc_t>(a[c]), static_cast<acc_t>(b[c]), gx, gy);
-          ga[c] = static_cast<scalar_t>(gx);
-          gb[c] = static_cast<scalar_t>(gy);
-        }
+        grad_of_columns<scalar_t, acc_t>(pa + o.t[0], pb + o.t[1], L.C, coef.data(), pga + o.t[2], pgb + o.t[3]);
       });
     }
     return;
   }
   bool unit = true;
-  for (int t = 0; t < L.ntensors; ++t) unit = unit && L.ss[t][kMaxSpatial - 1] == 1;
-  for (int64_t r = begin; r < end; ++r) {
-    acc_t k[kNumCoefs];
-    grad_coefficients<acc_t>(metric, pst + r * kNumStats, pw[r % L.C], D, k);
-    walk_runs(L, r / L.C, r % L.C, [&](const Offsets& o, int64_t len) {
-      const scalar_t* __restrict__ a = pa + o.t[0];
-      const scalar_t* __restrict__ b = pb + o.t[1];
-      scalar_t* __restrict__ ga = pga + o.t[2];
-      scalar_t* __restrict__ gb = pgb + o.t[3];
-      if (unit) {
-#pragma omp simd
-        for (int64_t i = 0; i < len; ++i) {
-          acc_t gx, gy;
-          pair_grad<acc_t>(k[kAA], k[kAB], k[kBA], k[kBB], k[kSign], static_cast<acc_t>(a[i]), static_cast<acc_t>(b[i]),
-                           gx, gy);
-          ga[i] = static_cast<scalar_t>(gx);
-          gb[i] = static_cast<scalar_t>(gy);
-        }
-        return;
-      }
-      for (int64_t i = 0; i < len; ++i) {
-        acc_t gx, gy;
-        pair_grad<acc_t>(k[kAA], k[kAB], k[kBA], k[kBB], k[kSign], static_cast<acc_t>(a[i * L.ss[0][2]]),
-                         static_cast<acc_t>(b[i * L.ss[1][2]]), gx, gy);
-        ga[i * L.ss[2][2]] = static_cast<scalar_t>(gx);
-        gb[i * L.ss[3][2]] = static_cast<scalar_t>(gy);
-      }
-    });
+  int64_t stride[kMaxTensors];
+  for (int t = 0; t < kMaxTensors; ++t) {
+    stride[t] = L.ss[t][kMaxSpatial - 1];
+    unit = unit && stride[t] == 1;
   }
+  for_each_map(L, begin, end, [&](int64_t r, int64_t n, int64_t c) {
+    acc_t k[kNumCoefs];
+    grad_coefficients<acc_t>(metric, pst + r * kNumStats, pw[c], D, k);
+    walk_runs(L, n, c, [&](const Offsets& o, int64_t len) {
+      if (unit)
+        grad_of_run<true>(pa + o.t[0], pb + o.t[1], len, stride, k, pga + o.t[2], pgb + o.t[3]);
+      else
+        grad_of_run<false>(pa + o.t[0], pb + o.t[1], len, stride, k, pga + o.t[2], pgb + o.t[3]);
+    });
+  });
 }
 
 std::tuple<at::Tensor, at::Tensor> stabilize_grad_cpu(const at::Tensor& a, const at::Tensor& b, const at::Tensor& stats,
