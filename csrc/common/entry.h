@@ -17,7 +17,7 @@ namespace neurosens {
 // (at::opmath_type<scalar_t> inside the kernels).
 inline at::ScalarType accumulation_dtype(const at::Tensor& a) { return at::toOpMathType(a.scalar_type()); }
 
-// A kernel writes every slot of its [N, C, kNumStats] result, zero outside `stats`.
+// A kernel returns [N, C, kNumStats] sums, zero outside `stats`.
 struct StatsCall {
   PairLayout L;
   int stats;                // bit set of the statistics asked for

@@ -17,6 +17,9 @@
 #else
 #define NEUROSENS_CLONES
 #endif
+// The walks, the bodies given to them and the small helpers are inlined into the (cloned) task:
+// called, they would cost a call per map and run the baseline target's code.
+#define NEUROSENS_INLINE __attribute__((always_inline))
 
 namespace neurosens {
 namespace {
@@ -30,7 +33,7 @@ struct Offsets {
   int64_t t[kMaxTensors];  // of one element in each tensor
 };
 
-inline Offsets offsets(const PairLayout& L, int64_t n, int64_t c, int64_t i0, int64_t i1, int64_t i2) {
+NEUROSENS_INLINE inline Offsets offsets(const PairLayout& L, int64_t n, int64_t c, int64_t i0, int64_t i1, int64_t i2) {
   Offsets o;
   for (int t = 0; t < L.ntensors; ++t)
     o.t[t] = n * L.sn[t] + c * L.sc[t] + i0 * L.ss[t][0] + i1 * L.ss[t][1] + i2 * L.ss[t][2];
@@ -52,7 +55,7 @@ void parallel_tasks(const PairLayout& L, const Task& task) {
 
 // f(o) for each position of sample n, in memory order; o locates neuron 0 there.
 template <typename F>
-inline void walk_columns(const PairLayout& L, int64_t n, F&& f) {
+NEUROSENS_INLINE inline void walk_columns(const PairLayout& L, int64_t n, F&& f) {
   for (int64_t i0 = 0; i0 < L.size[0]; ++i0)
     for (int64_t i1 = 0; i1 < L.size[1]; ++i1)
       for (int64_t i2 = 0; i2 < L.size[2]; ++i2) f(offsets(L, n, 0, i0, i1, i2));
@@ -60,7 +63,7 @@ inline void walk_columns(const PairLayout& L, int64_t n, F&& f) {
 
 // f(r, n, c) for each map r = n * C + c of [begin, end), without a division per map.
 template <typename F>
-inline void for_each_map(const PairLayout& L, int64_t begin, int64_t end, F&& f) {
+NEUROSENS_INLINE inline void for_each_map(const PairLayout& L, int64_t begin, int64_t end, F&& f) {
   int64_t n = begin / L.C, c = begin % L.C;
   for (int64_t r = begin; r < end; ++r) {
     f(r, n, c);
@@ -70,31 +73,37 @@ inline void for_each_map(const PairLayout& L, int64_t begin, int64_t end, F&& f)
 
 // f(o, len) for each run of map (n, c); element i of the run is at o.t[t] + i * L.ss[t][2].
 template <typename F>
-inline void walk_runs(const PairLayout& L, int64_t n, int64_t c, F&& f) {
+NEUROSENS_INLINE inline void walk_runs(const PairLayout& L, int64_t n, int64_t c, F&& f) {
   for (int64_t i0 = 0; i0 < L.size[0]; ++i0)
     for (int64_t i1 = 0; i1 < L.size[1]; ++i1) f(offsets(L, n, c, i0, i1, 0), L.size[2]);
 }
 
-// Statistics of one run into `total`, in blocks of kRunBlock elements. kUnit: stride 1 in a and b.
+// Statistics of elements [start, stop) of a run, summed in acc_t. kUnit: stride 1 in a and b.
 template <int kMask, bool kUnit, typename scalar_t, typename acc_t>
-inline void stats_of_run(const scalar_t* __restrict__ a, const scalar_t* __restrict__ b, int64_t len, int64_t sa,
+NEUROSENS_INLINE inline void sums_of_block(const scalar_t* __restrict__ a, const scalar_t* __restrict__ b, int64_t start, int64_t stop,
+                          int64_t sa, int64_t sb, acc_t* s) {
+  acc_t s0 = 0, s1 = 0, s2 = 0, s3 = 0, s4 = 0, s5 = 0;
+#pragma omp simd reduction(+ : s0, s1, s2, s3, s4, s5)
+  for (int64_t i = start; i < stop; ++i)
+    accumulate_pair<kMask, acc_t>(static_cast<acc_t>(a[kUnit ? i : i * sa]), static_cast<acc_t>(b[kUnit ? i : i * sb]),
+                                  s0, s1, s2, s3, s4, s5);
+  s[kAbsDiff] = s0, s[kSqDiff] = s1, s[kDot] = s2, s[kSqA] = s3, s[kSqB] = s4, s[kAbsA] = s5;
+}
+
+// Statistics of one run into `total`, in blocks of kRunBlock elements.
+template <int kMask, bool kUnit, typename scalar_t, typename acc_t>
+NEUROSENS_INLINE inline void stats_of_run(const scalar_t* __restrict__ a, const scalar_t* __restrict__ b, int64_t len, int64_t sa,
                          int64_t sb, double* total) {
   for (int64_t start = 0; start < len; start += kRunBlock) {
-    const int64_t stop = std::min(len, start + kRunBlock);
-    acc_t s0 = 0, s1 = 0, s2 = 0, s3 = 0, s4 = 0, s5 = 0;
-#pragma omp simd reduction(+ : s0, s1, s2, s3, s4, s5)
-    for (int64_t i = start; i < stop; ++i)
-      accumulate_pair<kMask, acc_t>(static_cast<acc_t>(a[kUnit ? i : i * sa]), static_cast<acc_t>(b[kUnit ? i : i * sb]),
-                                    s0, s1, s2, s3, s4, s5);
     acc_t s[kNumStats];
-    s[kAbsDiff] = s0, s[kSqDiff] = s1, s[kDot] = s2, s[kSqA] = s3, s[kSqB] = s4, s[kAbsA] = s5;
+    sums_of_block<kMask, kUnit, scalar_t, acc_t>(a, b, start, std::min(len, start + kRunBlock), sa, sb, s);
     flush_sums<kMask, acc_t>(s, total);
   }
 }
 
 // One position of every neuron of a sample; part holds kNumStats rows of C partial sums.
 template <int kMask, typename scalar_t, typename acc_t>
-inline void stats_of_columns(const scalar_t* __restrict__ a, const scalar_t* __restrict__ b, int64_t C,
+NEUROSENS_INLINE inline void stats_of_columns(const scalar_t* __restrict__ a, const scalar_t* __restrict__ b, int64_t C,
                              acc_t* __restrict__ part) {
   acc_t* __restrict__ s0 = part;
   acc_t* __restrict__ s1 = part + C;
@@ -111,7 +120,7 @@ inline void stats_of_columns(const scalar_t* __restrict__ a, const scalar_t* __r
 // Moves the C partial sums of each statistic in kMask into the double totals (`first`: the
 // totals start there).
 template <int kMask, typename acc_t>
-inline void flush_columns(int64_t C, bool first, acc_t* part, double* total) {
+NEUROSENS_INLINE inline void flush_columns(int64_t C, bool first, acc_t* part, double* total) {
   for (int s = 0; s < kNumStats; ++s) {
     if (!has_stat(kMask, s)) continue;
     for (int64_t c = 0; c < C; ++c) total[s * C + c] = (first ? 0.0 : total[s * C + c]) + part[s * C + c];
@@ -119,10 +128,12 @@ inline void flush_columns(int64_t C, bool first, acc_t* part, double* total) {
   }
 }
 
-// Writes every statistic of one map from its sums, `step` apart: those outside `keep` as zero.
-template <typename sum_t, typename acc_t>
-inline void store_stats(const sum_t* sums, int64_t step, int keep, acc_t* out) {
-  for (int s = 0; s < kNumStats; ++s) out[s] = has_stat(keep, s) ? static_cast<acc_t>(sums[s * step]) : acc_t(0);
+// Writes the statistics of one map asked for (in kMask and `keep`) from its sums, `step` apart;
+// the output starts zeroed.
+template <int kMask, typename sum_t, typename acc_t>
+NEUROSENS_INLINE inline void store_stats(const sum_t* sums, int64_t step, int keep, acc_t* out) {
+  for (int s = 0; s < kNumStats; ++s)
+    if (has_stat(kMask, s) && has_stat(keep, s)) out[s] = static_cast<acc_t>(sums[s * step]);
 }
 
 // f(std::integral_constant<int, mask>) with the statistics the public ops ask for compiled as their
@@ -154,37 +165,52 @@ NEUROSENS_CLONES void stats_task(const scalar_t* pa, const scalar_t* pb, const P
       for (int s = 0; s < kNumStats; ++s)
         if (has_stat(kMask, s)) std::fill_n(part.begin() + s * L.C, L.C, acc_t(0));
       int64_t positions = 0;
-      walk_columns(L, n, [&](const Offsets& o) {
+      walk_columns(L, n, [&](const Offsets& o) NEUROSENS_INLINE {
         stats_of_columns<kMask, scalar_t, acc_t>(pa + o.t[0], pb + o.t[1], L.C, part.data());
         if (++positions % kSumBlock == 0) flush_columns<kMask, acc_t>(L.C, positions == kSumBlock, part.data(), total.data());
       });
       acc_t* out = po + n * L.C * kNumStats;
       if (positions < kSumBlock) {
         // One block: the partial sums are the sums.
-        for (int64_t c = 0; c < L.C; ++c) store_stats(part.data() + c, L.C, keep, out + c * kNumStats);
+        for (int64_t c = 0; c < L.C; ++c) store_stats<kMask>(part.data() + c, L.C, keep, out + c * kNumStats);
         continue;
       }
       if (positions % kSumBlock != 0) flush_columns<kMask, acc_t>(L.C, false, part.data(), total.data());
-      for (int64_t c = 0; c < L.C; ++c) store_stats(total.data() + c, L.C, keep, out + c * kNumStats);
+      for (int64_t c = 0; c < L.C; ++c) store_stats<kMask>(total.data() + c, L.C, keep, out + c * kNumStats);
     }
     return;
   }
   const bool unit = L.ss[0][kMaxSpatial - 1] == 1 && L.ss[1][kMaxSpatial - 1] == 1;
-  for_each_map(L, begin, end, [&](int64_t r, int64_t n, int64_t c) {
+  const bool flat = unit && L.size[0] == 1 && L.size[1] == 1;
+  for_each_map(L, begin, end, [&](int64_t r, int64_t n, int64_t c) NEUROSENS_INLINE {
     double total[kNumStats] = {};
-    walk_runs(L, n, c, [&](const Offsets& o, int64_t len) {
+    if (flat) {
+      // One contiguous run per map (NCHW): no walk, and a map of one block needs no double pass.
+      const scalar_t* a = pa + n * L.sn[0] + c * L.sc[0];
+      const scalar_t* b = pb + n * L.sn[1] + c * L.sc[1];
+      if (L.D <= kRunBlock) {
+        acc_t s[kNumStats];
+        sums_of_block<kMask, true, scalar_t, acc_t>(a, b, 0, L.D, 1, 1, s);
+        store_stats<kMask>(s, 1, keep, po + r * kNumStats);
+      } else {
+        stats_of_run<kMask, true, scalar_t, acc_t>(a, b, L.D, 1, 1, total);
+        store_stats<kMask>(total, 1, keep, po + r * kNumStats);
+      }
+      return;
+    }
+    walk_runs(L, n, c, [&](const Offsets& o, int64_t len) NEUROSENS_INLINE {
       if (unit)
         stats_of_run<kMask, true, scalar_t, acc_t>(pa + o.t[0], pb + o.t[1], len, 1, 1, total);
       else
         stats_of_run<kMask, false, scalar_t, acc_t>(pa + o.t[0], pb + o.t[1], len, L.ss[0][2], L.ss[1][2], total);
     });
-    store_stats(total, 1, keep, po + r * kNumStats);
+    store_stats<kMask>(total, 1, keep, po + r * kNumStats);
   });
 }
 
 at::Tensor pair_stats_cpu(const at::Tensor& a, const at::Tensor& b, int64_t channel_dim, int64_t stats) {
   const StatsCall call = begin_pair_stats(a, b, channel_dim, stats);
-  at::Tensor out = at::empty({call.L.N, call.L.C, kNumStats}, call.acc);
+  at::Tensor out = at::zeros({call.L.N, call.L.C, kNumStats}, call.acc);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.scalar_type(), "neurosens._pair_stats", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const scalar_t* pa = a.const_data_ptr<scalar_t>();
@@ -242,7 +268,7 @@ NEUROSENS_CLONES void grad_task(const scalar_t* pa, const scalar_t* pb, const ac
         grad_coefficients<acc_t>(metric, pst + (n * L.C + c) * kNumStats, pw[c], D, k);
         for (int i = 0; i < kNumCoefs; ++i) coef[i * L.C + c] = k[i];
       }
-      walk_columns(L, n, [&](const Offsets& o) {
+      walk_columns(L, n, [&](const Offsets& o) NEUROSENS_INLINE {
         grad_of_columns<scalar_t, acc_t>(pa + o.t[0], pb + o.t[1], L.C, coef.data(), pga + o.t[2], pgb + o.t[3]);
       });
     }
@@ -254,10 +280,10 @@ NEUROSENS_CLONES void grad_task(const scalar_t* pa, const scalar_t* pb, const ac
     stride[t] = L.ss[t][kMaxSpatial - 1];
     unit = unit && stride[t] == 1;
   }
-  for_each_map(L, begin, end, [&](int64_t r, int64_t n, int64_t c) {
+  for_each_map(L, begin, end, [&](int64_t r, int64_t n, int64_t c) NEUROSENS_INLINE {
     acc_t k[kNumCoefs];
     grad_coefficients<acc_t>(metric, pst + r * kNumStats, pw[c], D, k);
-    walk_runs(L, n, c, [&](const Offsets& o, int64_t len) {
+    walk_runs(L, n, c, [&](const Offsets& o, int64_t len) NEUROSENS_INLINE {
       if (unit)
         grad_of_run<true>(pa + o.t[0], pb + o.t[1], len, stride, k, pga + o.t[2], pgb + o.t[3]);
       else
