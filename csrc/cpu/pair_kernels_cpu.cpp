@@ -232,6 +232,14 @@ NEUROSENS_CLONES void grad_of_run(const scalar_t* __restrict__ a, const scalar_t
                         const int64_t* stride, const acc_t* k, scalar_t* __restrict__ ga, scalar_t* __restrict__ gb) {
   const acc_t aa = k[kAA], ab = k[kAB], ba = k[kBA], bb = k[kBB], sign = k[kSign];
   const int64_t sa = stride[0], sb = stride[1], sga = stride[2], sgb = stride[3];
+  if (aa == acc_t(0) && ab == acc_t(0) && ba == acc_t(0) && bb == acc_t(0) && sign == acc_t(0)) {
+    // A neuron outside the selection (most of them): its gradient is zero, a and b need no read.
+    for (int64_t i = 0; i < len; ++i) {
+      ga[kUnit ? i : i * sga] = scalar_t(0);
+      gb[kUnit ? i : i * sgb] = scalar_t(0);
+    }
+    return;
+  }
 #pragma omp simd
   for (int64_t i = 0; i < len; ++i) {
     acc_t gx, gy;
