@@ -66,10 +66,12 @@ def copy_bandwidth(device, repeats, nbytes=1 << 30):
     return 2 * nbytes / timed(lambda: dst.copy_(src), device, repeats)
 
 
-def make_inputs(shape, dtype, device):
+def make_inputs(shape, dtype, device, memory_format="contiguous"):
     gen = torch.Generator(device=device).manual_seed(0)
     a = torch.randn(shape, generator=gen, device=device, dtype=torch.float32).to(dtype)
     b = (a.float() + 0.1 * torch.randn(shape, generator=gen, device=device)).to(dtype)
+    if memory_format == "channels_last" and len(shape) == 4:
+        a, b = a.to(memory_format=torch.channels_last), b.to(memory_format=torch.channels_last)
     return a, b
 
 
@@ -237,6 +239,8 @@ def main():
     parser.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
     parser.add_argument("--repeats", type=int, default=15)
     parser.add_argument("--large", action="store_true", help=f"also time {LARGE_SHAPES} (several GB of memory)")
+    parser.add_argument("--memory-format", default="contiguous", choices=["contiguous", "channels_last"],
+                        help="layout of the 4-D activations")
     parser.add_argument("--keep-freed-memory", action="store_true",
                         help="tune glibc malloc as the neurosens command does (neurosens.cpu_memory); "
                              "peak memory is still measured with the default allocator")
@@ -257,12 +261,13 @@ def main():
     print(f"copy bandwidth {copy_bw / 1e9:.1f} GB/s", flush=True)
     rows = []
     for shape in SHAPES + (LARGE_SHAPES if args.large else []):
-        a, b = make_inputs(shape, dtype, device)
+        a, b = make_inputs(shape, dtype, device, args.memory_format)
         k = max(1, shape[1] // 10)
         check_baselines(a, b, k)
         for op, make in (("neuron_topk", topk_variants), ("stabilize fwd+bwd", stabilize_variants)):
             times = timed_interleaved(make(a, b, k), device, args.repeats)
-            row = {"op": op, "shape": list(shape), "dtype": args.dtype, "input_mb": 2 * a.numel() * a.element_size() / 2**20}
+            row = {"op": op, "shape": list(shape), "dtype": args.dtype, "memory_format": args.memory_format,
+                   "input_mb": 2 * a.numel() * a.element_size() / 2**20}
             row.update({f"{name}_ms": t * 1e3 for name, t in times.items()})
             row["fused_vs_floor"] = times["fused"] / times["floor"]
             row["eager_over_fused"] = times["eager"] / times["fused"]
@@ -282,6 +287,7 @@ def main():
                                  "keep_freed_memory": args.keep_freed_memory}
     os.makedirs(args.out, exist_ok=True)
     stem = os.path.join(args.out, f"ops_{device.type}_{args.dtype}" + ("_kept" if args.keep_freed_memory else "")
+                        + ("_channels_last" if args.memory_format == "channels_last" else "")
                         + (f"_{args.threads}thread" if args.threads else ""))
     with open(stem + ".json", "w") as f:
         json.dump({"environment": env, "results": rows}, f, indent=2)

@@ -4,6 +4,8 @@
 #include <torch/extension.h>
 #include <torch/library.h>
 
+#include "common/launch.h"
+
 TORCH_LIBRARY(neurosens, m) {
   m.def("_pair_stats(Tensor a, Tensor b, int channel_dim, int stats=63) -> Tensor");
   m.def(
@@ -38,4 +40,21 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
 #else
   m.attr("with_cuda") = false;
 #endif
+  m.def(
+      "launch_config",
+      [](const std::string& kernel, int64_t N, int64_t C, int64_t D, int64_t sms) {
+        neurosens::Launch l;
+        if (kernel == "stats_columns")
+          l = neurosens::stats_columns_launch(N, C, D, sms);
+        else if (kernel == "stats_rows")
+          l = neurosens::stats_rows_launch(N, C, D, sms);
+        else if (kernel == "elementwise")
+          l = neurosens::elementwise_launch(N * C * D, sms);
+        else
+          throw pybind11::value_error("unknown kernel '" + kernel + "'");
+        return pybind11::make_tuple(pybind11::make_tuple(l.grid[0], l.grid[1], l.grid[2]), l.threads, l.segs);
+      },
+      "(grid, threads per block, segments per map) of a CUDA kernel for N samples, C neurons and maps of D "
+      "elements on a GPU with `sms` multiprocessors; computed on the host, no GPU needed.",
+      pybind11::arg("kernel"), pybind11::arg("N"), pybind11::arg("C"), pybind11::arg("D"), pybind11::arg("sms"));
 }

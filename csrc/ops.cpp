@@ -5,6 +5,8 @@
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/library.h>
 
+#include <sstream>
+
 #include "common/metric.h"
 #include "common/pair_layout.h"
 #include "common/pair_math.h"
@@ -85,6 +87,25 @@ at::Tensor neuron_distance(const at::Tensor& a, const at::Tensor& b, c10::string
   return per_sample_impl(a, b, std::string(metric), channel_dim, relative, "neurosens.neuron_distance").sum(0);
 }
 
+// The k largest (largest=false: smallest) values, sorted, with their indices; between equal
+// values the lower index comes first, on every backend.
+std::tuple<at::Tensor, at::Tensor> topk_lower_index_first(const at::Tensor& values, int64_t k, bool largest) {
+  auto [sorted, order] = at::sort(values, /*stable=*/true, /*dim=*/0, /*descending=*/largest);
+  return {sorted.slice(0, 0, k), order.slice(0, 0, k)};
+}
+
+// Indices must lie in [0, C). On a GPU the check runs on the device (an asynchronous assert) so
+// that a training step neither waits for the GPU nor breaks CUDA-graph capture.
+void check_indices_range(const at::Tensor& idx, int64_t C, const at::Tensor& a, const char* op) {
+  if (idx.device().is_cpu()) {
+    check_indices_range(idx, C, a, op);
+    return;
+  }
+  std::ostringstream msg;
+  msg << op << ": indices must lie in [0, " << C << ") for activations of shape " << shape_str(a);
+  at::_assert_async(idx.ge(0).logical_and(idx.lt(C)).all(), msg.str());
+}
+
 void check_k(int64_t k, int64_t C, const at::Tensor& a, const char* op) {
   TORCH_CHECK_VALUE(k >= 1 && k <= C, op, ": k=", k, " is out of range: activations of shape ", shape_str(a),
                     " have ", C, " neurons, so k must be in [1, ", C, "]");
@@ -96,8 +117,7 @@ std::tuple<at::Tensor, at::Tensor> neuron_topk(const at::Tensor& a, const at::Te
   const char* op = "neurosens.neuron_topk";
   const at::Tensor dist = per_sample_impl(a, b, std::string(metric), channel_dim, relative, op);
   check_k(k, dist.size(1), a, op);
-  auto [values, indices] = at::topk(dist.mean(0), k, 0, largest, /*sorted=*/true);
-  return {values, indices};
+  return topk_lower_index_first(dist.mean(0), k, largest);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> stabilize(const at::Tensor& a, const at::Tensor& b,
@@ -124,7 +144,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> stabilize(const at::Tensor& a, co
     selected = idx.clone();
   } else {
     check_k(k, C, a, op);
-    selected = std::get<1>(at::topk(distances_from_stats(stats, sm, D, false).mean(0), k, 0, true, true));
+    selected = std::get<1>(topk_lower_index_first(distances_from_stats(stats, sm, D, false).mean(0), k, true));
   }
   const at::Tensor loss = distances_from_stats(stats, m, D, false).index_select(1, selected).mean();
   return {loss, selected, stats};

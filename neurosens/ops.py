@@ -69,7 +69,8 @@ def neuron_topk(a, b, k=0.1, metric="l1", channel_dim=1, relative=False, largest
     """The ``k`` most (``largest=False``: least) sensitive neurons of a batch, in one pass.
 
     ``k`` is a count or a fraction of the layer's neurons (default 10%). Returns
-    ``TopK(values, indices)`` sorted by value; values are mean distances over the batch.
+    ``TopK(values, indices)`` sorted by value, equal values by index (ties go to the lower index);
+    values are mean distances over the batch.
     """
     op = "neurosens.neuron_topk"
     cdim = check_pair(a, b, channel_dim, op)

@@ -55,9 +55,11 @@ def neuron_distance(a, b, metric="l1", channel_dim=1, relative=False):
 
 
 def neuron_topk(a, b, k, metric="l1", channel_dim=1, relative=False, largest=True):
-    """The k neurons with the largest (or smallest) mean distance over the batch."""
+    """The k neurons with the largest (or smallest) mean distance over the batch; ties go to the
+    lower index, as in the fused ops."""
     mean = neuron_distance_per_sample(a, b, metric, channel_dim, relative).mean(0)
-    return torch.topk(mean, k, largest=largest, sorted=True)
+    values, indices = torch.sort(mean, descending=largest, stable=True)
+    return torch.return_types.topk((values[:k], indices[:k]))
 
 
 def stabilize(a, b, indices=None, k=None, metric="l1", select_metric="l1", channel_dim=1):

@@ -54,3 +54,11 @@ def register():
         return (grad_a if need_a else None), (grad_b if need_b else None), None, None, None, None, None
 
     torch.library.register_autograd("neurosens::stabilize", backward, setup_context=setup_context)
+
+    def double_backward(ctx, _grad_a, _grad_b):
+        raise RuntimeError(
+            "neurosens.stabilize: second-order gradients are not supported (its fused backward is not differentiable); "
+            "use neurosens.reference.stabilize for double backward"
+        )
+
+    torch.library.register_autograd("neurosens::_stabilize_backward", double_backward, setup_context=lambda ctx, inputs, output: None)

@@ -1,4 +1,5 @@
 """The fused ops against their pure-PyTorch twins in float64, on many shapes, dtypes and layouts."""
+import math
 import random
 
 import pytest
@@ -303,10 +304,12 @@ def test_device_mismatch_is_reported():
 
 @pytest.mark.skipif(not CUDA, reason="needs a CUDA device")
 def test_int64_indexing_beyond_2_31_elements():
+    shape = (2, 4, 2**14, 2**15 + 1)  # > 2^32 elements
+    needed = 2 * math.prod(shape) * torch.bfloat16.itemsize + 2**30  # a, b and room for the op
     free, _ = torch.cuda.mem_get_info()
-    if free < 12 * 2**30:
-        pytest.skip("needs 12 GiB of free GPU memory")
-    a = torch.zeros(2, 4, 2**14, 2**15 + 1, dtype=torch.bfloat16, device="cuda")  # > 2^32 elements
+    if free < needed:
+        pytest.skip(f"needs {needed / 2**30:.0f} GiB of free GPU memory")
+    a = torch.zeros(shape, dtype=torch.bfloat16, device="cuda")
     b = torch.zeros_like(a)
     b[1, 3, -1, -1] = 1.0
     total = ops.neuron_distance(a, b, "l1")
@@ -345,3 +348,41 @@ def test_extension_and_reference_backends_agree(monkeypatch):
     plain = (ops.neuron_distance(a, b, "l2").sum, ops.neuron_topk(a, b, 3).values, ops.stabilize(a, b, k=3))
     for f, p in zip(fused, plain):
         torch.testing.assert_close(f, p)
+
+
+@requires_ext
+@pytest.mark.skipif(not CUDA, reason="needs a CUDA device")
+def test_stabilize_with_given_indices_captures_in_a_cuda_graph():
+    """The SNS step between selections (indices given) neither syncs with the host nor breaks capture."""
+    torch.manual_seed(0)
+    conv = torch.nn.Conv2d(3, 8, 3).cuda()
+    x = torch.randn(4, 3, 8, 8, device="cuda")
+    x_adv = x + 0.1 * torch.randn_like(x)
+    idx = torch.tensor([1, 5, 6], device="cuda")
+
+    def step():
+        loss = ops.stabilize(conv(x), conv(x_adv), indices=idx, metric="l2")
+        loss.backward()
+        return loss
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    conv.weight.grad.zero_()
+    with torch.cuda.graph(graph):
+        static_loss = step()
+    x.copy_(torch.randn_like(x))
+    x_adv.copy_(x + 0.2 * torch.randn_like(x))
+    conv.weight.grad.zero_()
+    graph.replay()
+    torch.cuda.synchronize()
+    w = conv.weight.detach().double().requires_grad_()
+    conv64 = lambda t: torch.nn.functional.conv2d(t.double(), w, conv.bias.detach().double())
+    expected = reference.stabilize(conv64(x), conv64(x_adv), indices=idx, metric="l2")[0]
+    expected.backward()
+    torch.testing.assert_close(static_loss.double(), expected.detach(), rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(conv.weight.grad.double(), w.grad, rtol=1e-3, atol=1e-5)

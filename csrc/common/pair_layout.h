@@ -41,6 +41,8 @@ struct PairLayout {
     for (int t = 0; t < ntensors; ++t) ok = ok && sc[t] == 1;
     return ok;
   }
+  // Kernels walk such layouts by columns: all neurons of a position at once.
+  bool by_columns() const { return channels_contiguous() && !rows_contiguous(); }
 };
 
 inline std::string shape_str(const at::Tensor& t) {
@@ -72,21 +74,6 @@ inline int64_t check_pair(const at::Tensor& a, const at::Tensor& b, int64_t chan
   TORCH_CHECK_VALUE(a.size(0) > 0, op, ": the batch is empty (shape ", shape_str(a), ")");
   TORCH_CHECK_VALUE(a.numel() > 0, op, ": activations of shape ", shape_str(a), " have no elements");
   return cdim;
-}
-
-// The saved statistics and the per-neuron weights the stabilize gradient is computed from.
-inline void check_grad_inputs(const at::Tensor& a, const at::Tensor& stats, const at::Tensor& weight, int64_t cdim,
-                              const char* op) {
-  const auto acc_dtype = a.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  TORCH_CHECK(stats.dim() == 3 && stats.size(0) == a.size(0) && stats.size(1) == a.size(cdim) &&
-                  stats.size(2) == kNumStats && stats.scalar_type() == acc_dtype && stats.device() == a.device(),
-              op, ": stats must be a ", acc_dtype, " tensor of shape [", a.size(0), ", ", a.size(cdim), ", ",
-              kNumStats, "] on ", a.device(), ", got ", stats.scalar_type(), " ", shape_str(stats), " on ",
-              stats.device());
-  TORCH_CHECK(weight.dim() == 1 && weight.size(0) == a.size(cdim) && weight.scalar_type() == acc_dtype &&
-                  weight.device() == a.device(),
-              op, ": weight must be a ", acc_dtype, " tensor of shape [", a.size(cdim), "] on ", a.device(), ", got ",
-              weight.scalar_type(), " ", shape_str(weight), " on ", weight.device());
 }
 
 // Layout of tensors of one shape (checked by check_pair) iterated together.

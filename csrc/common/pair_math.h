@@ -51,13 +51,53 @@ C10_HOST_DEVICE inline void accumulate_pair(acc_t x, acc_t y, acc_t& abs_diff, a
   if constexpr (has_stat(kMask, kAbsA)) abs_a += x < acc_t(0) ? -x : x;
 }
 
+// Terms added into one acc_t partial sum before it is moved into a double total. A float32 sum of
+// millions of terms drifts and finally stops growing (2^24 + 1 == 2^24 in float32); blocks keep
+// each float32 sum short for one double add per block.
+constexpr int kSumBlock = 128;
+
+// Adds the statistics in kMask of `part` into `total` and clears `part`.
+template <int kMask, typename acc_t>
+C10_HOST_DEVICE inline void flush_sums(acc_t* part, double* total) {
+  for (int s = 0; s < kNumStats; ++s) {
+    if (has_stat(kMask, s)) total[s] += static_cast<double>(part[s]);
+    part[s] = acc_t(0);
+  }
+}
+
+// The statistics in kMask of a run of pairs, summed in blocks of kSumBlock terms.
+template <int kMask, typename acc_t>
+struct BlockedSums {
+  acc_t part[kNumStats] = {};
+  double total[kNumStats] = {};
+  int terms = 0;
+
+  C10_HOST_DEVICE void add(acc_t x, acc_t y) {
+    accumulate_pair<kMask, acc_t>(x, y, part[kAbsDiff], part[kSqDiff], part[kDot], part[kSqA], part[kSqB], part[kAbsA]);
+    if (++terms == kSumBlock) {
+      flush_sums<kMask, acc_t>(part, total);
+      terms = 0;
+    }
+  }
+  // The totals, with the statistics outside kMask zero.
+  C10_HOST_DEVICE void finish() { flush_sums<kMask, acc_t>(part, total); }
+};
+
+// k * v, and exactly zero when k is: a neuron outside the selection (all coefficients zero) gets a
+// zero gradient even where its maps hold inf or NaN, and the l1 gradient of an infinite map is
+// its sign rather than 0 * inf.
+template <typename acc_t>
+C10_HOST_DEVICE inline acc_t times(acc_t k, acc_t v) {
+  return k * (k == acc_t(0) ? acc_t(0) : v);
+}
+
 template <typename acc_t>
 C10_HOST_DEVICE inline void pair_grad(acc_t aa, acc_t ab, acc_t ba, acc_t bb, acc_t sign, acc_t x, acc_t y, acc_t& gx,
                                       acc_t& gy) {
   const acc_t d = x - y;
   const acc_t s = d > acc_t(0) ? sign : (d < acc_t(0) ? -sign : acc_t(0));
-  gx = aa * x + ab * y + s;
-  gy = ba * x + bb * y - s;
+  gx = times(aa, x) + times(ab, y) + s;
+  gy = times(ba, x) + times(bb, y) - s;
 }
 
 // Backward coefficients of one (sample, neuron) from its statistics, where `w` is d loss / d dist

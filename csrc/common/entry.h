@@ -1,0 +1,65 @@
+// What every backend's kernel entry point does before it reads a tensor: check the arguments and
+// lay out the tensors. The kernels then differ only in how they walk the layout.
+#pragma once
+
+#include <ATen/ATen.h>
+#include <ATen/OpMathType.h>
+
+#include <string>
+
+#include "common/metric.h"
+#include "common/pair_layout.h"
+#include "common/pair_math.h"
+
+namespace neurosens {
+
+// The dtype sums are kept in: float32 for float16/bfloat16/float32 inputs, float64 for float64
+// (at::opmath_type<scalar_t> inside the kernels).
+inline at::ScalarType accumulation_dtype(const at::Tensor& a) { return at::toOpMathType(a.scalar_type()); }
+
+// A kernel returns [N, C, kNumStats] sums, zero outside `stats`.
+struct StatsCall {
+  PairLayout L;
+  int stats;                // bit set of the statistics asked for
+  at::TensorOptions acc;    // of the result: a's device, the accumulation dtype
+};
+
+inline StatsCall begin_pair_stats(const at::Tensor& a, const at::Tensor& b, int64_t channel_dim, int64_t stats) {
+  const char* op = "neurosens._pair_stats";
+  const int64_t cdim = check_pair(a, b, channel_dim, op);
+  TORCH_CHECK_VALUE(stats > 0 && stats <= kAllStats, op, ": stats=", stats, " must be a non-empty bit set of the ",
+                    kNumStats, " statistics");
+  return {make_layout({a, b}, cdim, op), static_cast<int>(stats), a.options().dtype(accumulation_dtype(a))};
+}
+
+struct GradCall {
+  PairLayout L;  // of a, b, grad_a, grad_b
+  Metric metric;
+  at::Tensor stats, weight;  // contiguous
+  at::Tensor grad_a, grad_b;
+};
+
+inline GradCall begin_stabilize_grad(const at::Tensor& a, const at::Tensor& b, const at::Tensor& stats,
+                                     const at::Tensor& weight, c10::string_view metric, int64_t channel_dim) {
+  const char* op = "neurosens._stabilize_grad";
+  const int64_t cdim = check_pair(a, b, channel_dim, op);
+  const auto acc = accumulation_dtype(a);
+  TORCH_CHECK(stats.dim() == 3 && stats.size(0) == a.size(0) && stats.size(1) == a.size(cdim) &&
+                  stats.size(2) == kNumStats && stats.scalar_type() == acc && stats.device() == a.device(),
+              op, ": stats must be a ", acc, " tensor of shape [", a.size(0), ", ", a.size(cdim), ", ", kNumStats,
+              "] on ", a.device(), ", got ", stats.scalar_type(), " ", shape_str(stats), " on ", stats.device());
+  TORCH_CHECK(weight.dim() == 1 && weight.size(0) == a.size(cdim) && weight.scalar_type() == acc &&
+                  weight.device() == a.device(),
+              op, ": weight must be a ", acc, " tensor of shape [", a.size(cdim), "] on ", a.device(), ", got ",
+              weight.scalar_type(), " ", shape_str(weight), " on ", weight.device());
+  GradCall call;
+  call.metric = parse_metric(std::string(metric), op, "metric");
+  call.stats = stats.contiguous();
+  call.weight = weight.contiguous();
+  call.grad_a = at::empty_like(a);
+  call.grad_b = at::empty_like(b);
+  call.L = make_layout({a, b, call.grad_a, call.grad_b}, cdim, op);
+  return call;
+}
+
+}  // namespace neurosens

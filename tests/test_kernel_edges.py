@@ -1,0 +1,264 @@
+"""Numeric edge cases of the fused kernels: long maps, infinities outside the selection, thread and
+segment splits, top-k ties, the statistics mask, double backward, and the CUDA launch limits."""
+import pytest
+import torch
+
+from neurosens import ops, reference
+
+CUDA = torch.cuda.is_available()
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not CUDA, reason="needs a CUDA device"))]
+METRICS = ["l1", "l2", "cosine"]
+F32_EPS = torch.finfo(torch.float32).eps
+
+requires_ext = pytest.mark.skipif(ops._C is None, reason="the extension is not built")
+
+
+@pytest.fixture
+def threads():
+    """Runs the test body with a given number of CPU threads, restoring the previous count."""
+    before = torch.get_num_threads()
+    yield torch.set_num_threads
+    torch.set_num_threads(before)
+
+
+def _rel_err(x, truth):
+    return ((x.double() - truth).abs() / truth.abs().clamp_min(1e-30)).max().item()
+
+
+LONG_MAPS = [
+    # name, a, b, channel_dim
+    ("ones [1, 2^25, 2]", lambda: torch.ones(1, 2**25, 2), lambda: torch.zeros(1, 2**25, 2), -1),
+    ("expanded [1, 1, 2^26]", lambda: torch.ones(1, 1, 1).expand(1, 1, 2**26), lambda: torch.zeros(1, 1, 1).expand(1, 1, 2**26), 1),
+    ("random [2, 2^20, 4]", lambda: torch.rand(2, 2**20, 4, generator=torch.Generator().manual_seed(0)),
+     lambda: torch.rand(2, 2**20, 4, generator=torch.Generator().manual_seed(1)), -1),
+    ("random rows [2, 3, 2^21]", lambda: torch.rand(2, 3, 2**21, generator=torch.Generator().manual_seed(2)),
+     lambda: torch.rand(2, 3, 2**21, generator=torch.Generator().manual_seed(3)), 1),
+    ("strided [1, 2, 2^12, 2^10]", lambda: torch.rand(1, 2, 2**12, 2**11, generator=torch.Generator().manual_seed(4))[..., ::2],
+     lambda: torch.rand(1, 2, 2**12, 2**11, generator=torch.Generator().manual_seed(5))[..., ::2], 1),
+]
+
+
+@requires_ext
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("name,make_a,make_b,cdim", LONG_MAPS, ids=[c[0] for c in LONG_MAPS])
+def test_float32_sums_do_not_saturate_on_long_maps(device, name, make_a, make_b, cdim):
+    a, b = make_a().to(device), make_b().to(device)
+    for metric, relative in (("l1", False), ("l2", False), ("l1", True), ("cosine", False)):
+        truth = reference.neuron_distance_per_sample(a.double(), b.double(), metric, cdim, relative)
+        if metric == "cosine" and (truth.abs() < 1e-3).any():
+            continue  # 1 - cos of nearly parallel maps measures cancellation, not the sums
+        ref_err = _rel_err(reference.neuron_distance_per_sample(a, b, metric, cdim, relative), truth)
+        got_err = _rel_err(ops.neuron_distance_per_sample(a, b, metric, cdim, relative), truth)
+        assert got_err <= 10 * max(ref_err, F32_EPS), (metric, relative, got_err, ref_err)
+
+
+@requires_ext
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("metric", METRICS)
+@pytest.mark.parametrize("layout", ["nchw", "channels_last", "nc"])
+def test_gradient_is_exactly_zero_outside_the_selection_whatever_the_values(device, metric, layout):
+    gen = torch.Generator().manual_seed(0)
+    shape = (3, 9, 4, 5) if layout != "nc" else (3, 9)
+    a = torch.randn(shape, generator=gen, dtype=torch.float64)
+    b = a + 0.1 * torch.randn(shape, generator=gen, dtype=torch.float64)
+    b[:, 7] = float("inf")
+    a[:, 8] = float("nan")
+    b[:, 6] = -float("inf")
+    a[:, 6] = float("inf")
+    if layout == "channels_last":
+        a, b = a.to(memory_format=torch.channels_last), b.to(memory_format=torch.channels_last)
+    a, b = a.to(device).requires_grad_(), b.to(device).requires_grad_()
+    idx = torch.tensor([0, 1, 4], device=device)
+    ops.stabilize(a, b, indices=idx, metric=metric).backward()
+    for g in (a.grad, b.grad):
+        assert torch.equal(g[:, [2, 3, 5, 6, 7, 8]], torch.zeros_like(g[:, [2, 3, 5, 6, 7, 8]]))
+    ra, rb = a.detach().clone().requires_grad_(), b.detach().clone().requires_grad_()
+    reference.stabilize(ra, rb, indices=idx, metric=metric)[0].backward()
+    torch.testing.assert_close(a.grad[:, idx], ra.grad[:, idx])
+    torch.testing.assert_close(b.grad[:, idx], rb.grad[:, idx])
+
+
+@requires_ext
+@pytest.mark.parametrize("device", DEVICES)
+def test_l1_gradient_of_a_selected_infinite_neuron_is_its_sign(device):
+    a = torch.zeros(2, 3, 4, dtype=torch.float64, device=device)
+    b = torch.zeros_like(a)
+    b[:, 1] = float("inf")
+    a.requires_grad_()
+    b.requires_grad_()
+    ops.stabilize(a, b, indices=torch.tensor([1], device=device), metric="l1").backward()
+    step = 1.0 / (2 * 1 * 4)  # mean over 2 samples, 1 neuron, 4 elements
+    torch.testing.assert_close(a.grad[:, 1], torch.full((2, 4), -step, dtype=torch.float64, device=device))
+    torch.testing.assert_close(b.grad[:, 1], torch.full((2, 4), step, dtype=torch.float64, device=device))
+
+
+@requires_ext
+def test_second_order_gradient_raises_a_clear_error():
+    a = torch.randn(2, 4, 3, 3, dtype=torch.float64, requires_grad=True)
+    b = (a.detach() + 0.1).requires_grad_()
+    loss = ops.stabilize(a, b, indices=torch.tensor([0, 2]), metric="l2")
+    (grad_a,) = torch.autograd.grad(loss, a, create_graph=True)
+    with pytest.raises(RuntimeError, match="second-order gradients"):
+        grad_a.sum().backward()
+
+
+def _six_sums(a, b, cdim):
+    A = a.double().movedim(cdim, 1).reshape(a.shape[0], a.shape[cdim], -1)
+    B = b.double().movedim(cdim, 1).reshape(a.shape[0], a.shape[cdim], -1)
+    return torch.stack([(A - B).abs().sum(-1), ((A - B) ** 2).sum(-1), (A * B).sum(-1), (A * A).sum(-1),
+                        (B * B).sum(-1), A.abs().sum(-1)], -1)
+
+
+@requires_ext
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("layout", ["nchw", "channels_last", "nc"])
+def test_pair_stats_computes_exactly_the_requested_statistics(device, layout):
+    gen = torch.Generator().manual_seed(1)
+    shape = (3, 5, 6, 7) if layout != "nc" else (3, 5)
+    a = torch.randn(shape, generator=gen)
+    b = a + 0.5 * torch.randn(shape, generator=gen)
+    if layout == "channels_last":
+        a, b = a.to(memory_format=torch.channels_last), b.to(memory_format=torch.channels_last)
+    truth = _six_sums(a, b, 1)
+    for mask in range(1, 64):
+        got = torch.ops.neurosens._pair_stats(a.to(device), b.to(device), 1, mask).cpu()
+        for s in range(6):
+            if mask >> s & 1:
+                torch.testing.assert_close(got[..., s].double(), truth[..., s], rtol=1e-5, atol=1e-5)
+            else:
+                assert torch.equal(got[..., s], torch.zeros_like(got[..., s])), (mask, s)
+        if device != "cpu":
+            torch.testing.assert_close(got, torch.ops.neurosens._pair_stats(a, b, 1, mask))
+
+
+# Shapes whose work is split: CPU tasks of about 2^15 elements that end inside a sample at odd
+# remainders; CUDA maps cut into segments (from 256 elements) and batches beyond one grid dim.
+SPLIT_SHAPES = [
+    ("nchw", (7, 37, 29, 31), 1),
+    ("channels_last", (7, 37, 29, 31), 1),
+    ("sliced", (5, 23, 61, 67), 1),
+    ("nc", (3001, 23), 1),
+    ("nc big batch", (70001, 3), 1),
+    ("ntc", (5, 1001, 13), -1),
+    ("one sample, long maps", (1, 3, 2**16 + 3), 1),
+    ("one sample, channels_last", (1, 5, 257, 131), 1),
+]
+
+
+def _make_split_pair(layout, shape, device):
+    gen = torch.Generator().manual_seed(sum(shape))
+    if layout == "sliced":
+        n, c, h, w = shape
+        a, b = (torch.randn(n, 2 * c, h + 1, 2 * w, generator=gen)[:, ::2, 1:, 1::2] for _ in range(2))
+    else:
+        a, b = (torch.randn(shape, generator=gen) for _ in range(2))
+    b = a + 0.3 * b
+    if layout.endswith("channels_last"):
+        a, b = a.to(memory_format=torch.channels_last), b.to(memory_format=torch.channels_last)
+    return a.to(device), b.to(device)
+
+
+@requires_ext
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("num_threads", [1, 2, 4])
+@pytest.mark.parametrize("layout,shape,cdim", SPLIT_SHAPES, ids=[f"{c[0]} {list(c[1])}" for c in SPLIT_SHAPES])
+def test_values_where_the_work_is_split(device, num_threads, layout, shape, cdim, threads):
+    if device == "cuda" and num_threads != 1:
+        pytest.skip("CPU threads do not split CUDA work")
+    threads(num_threads)
+    a, b = _make_split_pair(layout, shape, device)
+    for metric in METRICS:
+        for relative in ([False, True] if metric != "cosine" else [False]):
+            expected = reference.neuron_distance_per_sample(a.double(), b.double(), metric, cdim, relative)
+            got = ops.neuron_distance_per_sample(a, b, metric, cdim, relative)
+            torch.testing.assert_close(got.double(), expected, rtol=1e-4, atol=1e-5)
+        C = a.shape[cdim]
+        idx = torch.arange(C - 1, -1, -2, device=device)
+        x, y = a.clone().requires_grad_(), b.clone().requires_grad_()
+        loss = ops.stabilize(x, y, indices=idx, metric=metric, channel_dim=cdim)
+        loss.backward()
+        rx, ry = a.double().requires_grad_(), b.double().requires_grad_()
+        ref = reference.stabilize(rx, ry, indices=idx, metric=metric, channel_dim=cdim)[0]
+        ref.backward()
+        torch.testing.assert_close(loss.double(), ref.detach(), rtol=2e-5, atol=1e-7)
+        # Gradients are float32 mixes of a and b (a + b terms that cancel when the maps are
+        # near); compare at the scale of the loss's weight, 1 / (samples * neurons * map size).
+        scale = 1.0 / (a.shape[0] * idx.numel() * (a.numel() // (a.shape[0] * C)))
+        torch.testing.assert_close(x.grad.double(), rx.grad, rtol=1e-4, atol=1e-2 * scale)
+        torch.testing.assert_close(y.grad.double(), ry.grad, rtol=1e-4, atol=1e-2 * scale)
+
+
+def _maps_with_distances(dist, layout, device):
+    """a = 0 and b = dist[c] on every element of neuron c's map: l1 distances are exactly dist."""
+    dist = torch.as_tensor(dist, dtype=torch.float32)
+    if layout == "nc":
+        b = dist.expand(3, -1).clone()
+    else:
+        b = dist.view(1, -1, 1, 1).expand(3, -1, 4, 5).clone()
+        if layout == "channels_last":
+            b = b.to(memory_format=torch.channels_last)
+    return torch.zeros_like(b).to(device), b.to(device)
+
+
+@pytest.mark.parametrize("backend", ["extension", "reference"])
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("layout", ["nc", "nchw", "channels_last"])
+def test_topk_ties_go_to_the_lower_index(device, layout, backend, monkeypatch):
+    if backend == "extension" and ops._C is None:
+        pytest.skip("the extension is not built")
+    if backend == "reference":
+        monkeypatch.setattr(ops, "_C", None)
+    a, b = _maps_with_distances([1, 2, 2, 0, 2, 0, 0, 1], layout, device)
+    top = ops.neuron_topk(a, b, 4)
+    assert top.indices.tolist() == [1, 2, 4, 0]
+    assert top.values.tolist() == [2, 2, 2, 1]
+    assert ops.neuron_topk(a, b, 5, largest=False).indices.tolist() == [3, 5, 6, 0, 7]
+    assert ops.stabilize(a, b, k=3, return_indices=True)[1].tolist() == [1, 2, 4]
+    # Many dead neurons (distance exactly 0) and a few live ones.
+    dist = torch.zeros(3000)
+    dist[[2999, 1500, 7]] = 1.0
+    a, b = _maps_with_distances(dist, layout, device)
+    assert ops.neuron_topk(a, b, 8).indices.tolist() == [7, 1500, 2999, 0, 1, 2, 3, 4]
+    assert ops.neuron_topk(a, b, 300, largest=False).indices.tolist() == [i for i in range(301) if i != 7]
+    assert ops.stabilize(a, b, k=6, return_indices=True)[1].tolist() == [7, 1500, 2999, 0, 1, 2]
+
+
+def _launch(kernel, N, C, D, sms):
+    grid, threads, segs = ops._C.launch_config(kernel, N, C, D, sms)
+    return grid, threads, segs
+
+
+LAUNCH_CASES = [
+    (N, C, D, sms)
+    for N, C, D in [(1, 1, 1), (2**31, 1, 1), (65535, 1, 1), (65536, 3, 7), (2**20, 4096, 1), (1, 1, 2**40),
+                    (1, 2**31, 1), (3, 5, 2**33), (128, 256, 8 * 8), (256, 256, 56 * 56), (2**31, 1, 2**20)]
+    for sms in (1, 132)
+]
+
+
+@requires_ext
+@pytest.mark.parametrize("N,C,D,sms", LAUNCH_CASES)
+def test_launch_configurations_stay_within_cuda_limits_and_cover_the_work(N, C, D, sms):
+    for kernel in ("stats_columns", "stats_rows", "elementwise"):
+        (gx, gy, gz), threads, segs = _launch(kernel, N, C, D, sms)
+        assert 1 <= gx <= 2**31 - 1 and 1 <= gy <= 65535 and 1 <= gz <= 65535, kernel
+        assert 32 <= threads <= 1024 and threads % 32 == 0, kernel
+        seg_len = -(-D // segs)
+        assert 1 <= segs and segs * seg_len >= D and (segs - 1) * seg_len < D, "a segment is empty or D is not covered"
+        # Segments only to fill the GPU: their partial sums stay within a few waves of threads.
+        assert segs == 1 or segs * N * C < sms * 2048 + N * C, kernel
+        if kernel == "stats_columns":
+            assert gx * threads >= C and gz == segs and gy <= N  # samples beyond gy are looped over
+        elif kernel == "stats_rows":
+            assert gy == segs and gz == 1 and gx * (threads // 32) < N * C + threads // 32  # maps beyond are looped over
+        else:
+            assert gy == gz == 1 and gx * threads <= max(N * C * D, threads) + threads - 1
+
+
+@requires_ext
+def test_launch_configuration_of_a_batch_beyond_one_grid_dim():
+    # [70001, 3]: samples loop on grid y (65535 at most) instead of being refused.
+    (gx, gy, gz), threads, segs = _launch("stats_columns", 70001, 3, 1, 132)
+    assert (gx, gy, gz, threads, segs) == (1, 65535, 1, 32, 1)
+    with pytest.raises(ValueError, match="unknown kernel"):
+        _launch("nope", 1, 1, 1, 1)
