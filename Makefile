@@ -11,7 +11,7 @@ FORCE_CUDA ?= $(if $(wildcard $(CUDA_HOME)/bin/nvcc),1,0)
 EXPECT_EXT := $(if $(filter 1,$(FORCE_CUDA)),cuda,cpu)
 EXT_SOURCES := setup.py pyproject.toml $(wildcard csrc/*.cpp csrc/*/*.h csrc/*/*.cpp csrc/*/*.cu csrc/*/*.cuh)
 
-# Another torch in a second environment, by default the oldest supported (the GPU machine's): the
+# Another torch in a second environment, by default the oldest supported: the
 # extension is built against its headers (CUDA for one architecture, enough to compile every
 # source) and the op tests run on it. `make test-torch TORCH_COMPAT=2.15` checks the newest.
 TORCH_COMPAT ?= 2.11
@@ -19,7 +19,7 @@ OLD_VENV := .venv-torch$(TORCH_COMPAT)
 OLD_PY := $(OLD_VENV)/bin/python
 OP_TESTS := tests/test_ops.py tests/test_kernel_edges.py tests/test_build.py
 
-.PHONY: install demo test test-torch bench clean
+.PHONY: install demo test test-torch dist-check bench clean
 
 $(VENV)/.torch:
 	$(PYTHON) -m venv $(VENV)
@@ -66,6 +66,10 @@ $(OLD_VENV)/.neurosens: $(OLD_VENV)/.torch $(EXT_SOURCES)
 # python -P keeps the checkout off sys.path, so the tests import the wheel installed above.
 test-torch: $(OLD_VENV)/.neurosens
 	NEUROSENS_EXPECT_EXT=$(EXPECT_EXT) $(OLD_PY) -P -m pytest -q -p no:cacheprovider $(OP_TESTS)
+
+# The sdist and the wheel install into fresh environments and run from outside the tree.
+dist-check: install
+	PYTHON=$(PY) scripts/check_dist.sh
 
 bench: install
 	$(PY) benchmarks/bench_ops.py

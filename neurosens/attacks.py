@@ -13,7 +13,8 @@ an L-inf eps spans the whole range, as a budget on the 0-255 scale (``eps=8`` fo
 An attack runs the model in eval mode and restores every module's own mode afterwards; it
 differentiates with ``torch.autograd.grad`` with respect to the input only, so the parameters'
 ``.grad`` are never touched. The result is detached, inside the bounds and inside the eps-ball
-around ``x``.
+around ``x``. A model whose output is not the logits tensor itself (a dict, a tuple) needs
+``logits=``: a key, an index or a callable (:mod:`neurosens.outputs`).
 """
 import math
 import warnings
@@ -23,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .capture import eval_mode
+from .outputs import LogitsModel, check_logits, logits_of
 
 NORMS = ("linf", "l2")
 LOSSES = ("ce", "cw")
@@ -76,7 +78,7 @@ class Attack:
 
     name = "attack"
 
-    def __init__(self, model, eps, norm="linf", loss="ce", targeted=False, num_classes=None, clip=PIXELS):
+    def __init__(self, model, eps, norm="linf", loss="ce", targeted=False, num_classes=None, clip=PIXELS, logits=None):
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
         if not (isinstance(eps, (int, float)) and eps >= 0):
@@ -88,6 +90,7 @@ class Attack:
         self.model, self.eps, self.norm, self.loss, self.targeted = model, float(eps), norm, loss, bool(targeted)
         self.num_classes = num_classes
         self.clip = check_clip(clip)
+        self.logits = check_logits(logits, type(self).__name__)
         self._warned_range = False
         width = self.clip[1] - self.clip[0]
         if norm == "linf" and self.eps >= width:
@@ -98,6 +101,9 @@ class Attack:
     def __repr__(self):
         fields = {k: v for k, v in vars(self).items() if k != "model" and not k.startswith("_")}
         return f"{type(self).__name__}({', '.join(f'{k}={v!r}' for k, v in fields.items())})"
+
+    def _logits(self, x):
+        return logits_of(self.model(x), self.logits, type(self).__name__)
 
     def _loss(self, logits, y):
         """Per-sample objective to maximize; for a targeted attack ``y`` is the target."""
@@ -111,7 +117,7 @@ class Attack:
 
     def _grad(self, x_adv, y):
         x_adv = x_adv.detach().requires_grad_(True)
-        loss = self._loss(self.model(x_adv), y)
+        loss = self._loss(self._logits(x_adv), y)
         grad, = torch.autograd.grad(loss.sum(), x_adv)
         return grad, loss.detach()
 
@@ -125,7 +131,7 @@ class Attack:
         with eval_mode(self.model), torch.enable_grad():
             if self.targeted:
                 if target is None:
-                    num_classes = self.num_classes or self.model(x[:1]).shape[1]
+                    num_classes = self.num_classes or self._logits(x[:1]).shape[1]
                     target = random_targets(y, num_classes)
                 y = target
             elif target is not None:
@@ -179,8 +185,8 @@ class PGD(Attack):
     name = "pgd"
 
     def __init__(self, model, eps, alpha=None, steps=10, norm="linf", random_start=True, restarts=1,
-                 loss="ce", targeted=False, num_classes=None, clip=PIXELS):
-        super().__init__(model, eps, norm, loss, targeted, num_classes, clip)
+                 loss="ce", targeted=False, num_classes=None, clip=PIXELS, logits=None):
+        super().__init__(model, eps, norm, loss, targeted, num_classes, clip, logits)
         if not isinstance(steps, int) or steps < 1:
             raise ValueError(f"steps={steps!r}: must be an integer >= 1")
         if not isinstance(restarts, int) or restarts < 1:
@@ -212,7 +218,7 @@ class PGD(Attack):
             grad, _ = self._grad(x_adv, y)
             x_adv = project(x_adv + self.alpha * _direction(grad, self.norm), x, self.eps, self.norm, self.clip)
         with torch.no_grad():
-            logits = self.model(x_adv)
+            logits = self._logits(x_adv)
             loss = self._loss(logits, y)
             fooled = logits.argmax(1) == y if self.targeted else logits.argmax(1) != y
         return x_adv, loss, fooled
@@ -234,28 +240,34 @@ class CW(PGD):
     name = "cw"
 
     def __init__(self, model, eps, alpha=None, steps=30, norm="linf", random_start=True, restarts=1,
-                 targeted=False, num_classes=None, clip=PIXELS):
-        super().__init__(model, eps, alpha, steps, norm, random_start, restarts, "cw", targeted, num_classes, clip)
+                 targeted=False, num_classes=None, clip=PIXELS, logits=None):
+        super().__init__(model, eps, alpha, steps, norm, random_start, restarts, "cw", targeted, num_classes, clip, logits)
+
+
+def require_torchattacks():
+    """The torchattacks module, or an ImportError saying how to install it."""
+    try:
+        import torchattacks
+    except ImportError as e:
+        raise ImportError("AutoAttack needs the optional package torchattacks: pip install 'neurosens[attacks]'") from e
+    return torchattacks
 
 
 class AutoAttack(Attack):
     """AutoAttack (APGD-CE, APGD-T, FAB-T, Square; the "standard" version) via ``torchattacks``,
-    an optional dependency: ``pip install torchattacks`` (or ``neurosens[attacks]``). It works in
+    an optional dependency: ``pip install 'neurosens[attacks]'``. It works in
     [0, 1] only."""
 
     name = "autoattack"
 
-    def __init__(self, model, eps, norm="linf", num_classes=10, version="standard", seed=0, clip=PIXELS):
+    def __init__(self, model, eps, norm="linf", num_classes=10, version="standard", seed=0, clip=PIXELS, logits=None):
         if check_clip(clip) != PIXELS:
             raise ValueError(f"AutoAttack: clip={clip!r}: torchattacks' AutoAttack works in [0, 1] only; "
                              "normalize inside the model (neurosens.models.Normalize)")
-        super().__init__(model, eps, norm, "ce", False, num_classes)
-        try:
-            import torchattacks
-        except ImportError as e:
-            raise ImportError("AutoAttack needs the optional package torchattacks: "
-                              "pip install torchattacks (or pip install 'neurosens[attacks]')") from e
-        self._attack = torchattacks.AutoAttack(model, norm={"linf": "Linf", "l2": "L2"}[norm], eps=self.eps,
+        super().__init__(model, eps, norm, "ce", False, num_classes, logits=logits)
+        torchattacks = require_torchattacks()
+        target = model if self.logits is None else LogitsModel(model, self.logits)
+        self._attack = torchattacks.AutoAttack(target, norm={"linf": "Linf", "l2": "L2"}[norm], eps=self.eps,
                                                version=version, n_classes=num_classes, seed=seed)
         self.version, self.seed = version, seed
 
@@ -272,15 +284,16 @@ class AutoAttack(Attack):
 ATTACKS = {"fgsm": FGSM, "pgd": PGD, "cw": CW, "autoattack": AutoAttack}
 
 
-def make_attack(name, model, eps, norm="linf", alpha=None, steps=None, restarts=1, num_classes=10, seed=0, clip=PIXELS):
+def make_attack(name, model, eps, norm="linf", alpha=None, steps=None, restarts=1, num_classes=10, seed=0, clip=PIXELS,
+                logits=None):
     """An attack of :data:`ATTACKS` by name, given the options that kind takes: FGSM only ``norm``,
     AutoAttack ``norm``, ``num_classes`` and ``seed``, PGD and CW the step size, steps (None: the
-    attack's default) and restarts; all take the bounds ``clip``."""
+    attack's default) and restarts; all take the bounds ``clip`` and ``logits``."""
     if name not in ATTACKS:
         raise ValueError(f"attack {name!r} is unknown; expected one of {', '.join(ATTACKS)}")
     if name == "fgsm":
-        return FGSM(model, eps, norm, clip=clip)
+        return FGSM(model, eps, norm, clip=clip, logits=logits)
     if name == "autoattack":
-        return AutoAttack(model, eps, norm, num_classes=num_classes, seed=seed, clip=clip)
-    return ATTACKS[name](model, eps, alpha, norm=norm, restarts=restarts, clip=clip,
+        return AutoAttack(model, eps, norm, num_classes=num_classes, seed=seed, clip=clip, logits=logits)
+    return ATTACKS[name](model, eps, alpha, norm=norm, restarts=restarts, clip=clip, logits=logits,
                         **({} if steps is None else {"steps": steps}))

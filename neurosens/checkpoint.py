@@ -111,6 +111,14 @@ def trained_on(state, source, data=None):
     return name
 
 
+def training_eps(state, source, eps=None):
+    """``eps`` if given, else the eps the run of checkpoint ``state`` (from ``source``) trained with."""
+    eps = eps if eps is not None else (state.get("config") or {}).get("eps")
+    if eps is None:
+        raise ValueError(f"{source}: the checkpoint does not record a training eps; give --eps")
+    return eps
+
+
 def model_from_state(state, source, device="cpu", arch=None, dataset=None):
     """The model of a checkpoint ``state`` (from :func:`load_checkpoint` of ``source``), in eval mode.
 

@@ -7,6 +7,7 @@ from tqdm.auto import tqdm
 from .attacks import make_attack
 from .capture import eval_mode
 from .env import model_device
+from .outputs import logits_of
 
 
 def hits(logits, y):
@@ -19,8 +20,9 @@ def accuracy(logits, y):
     return hits(logits, y).float().mean().detach()
 
 
-def evaluate(model, loader, attacks=None, device=None, progress=False, distributed=False):
-    """Clean accuracy and the accuracy under each attack (name -> attack, each run on its own).
+def evaluate(model, loader, attacks=None, device=None, progress=False, distributed=False, logits=None):
+    """Clean accuracy and the accuracy under each attack (name -> attack, each run on its own);
+    ``logits`` says where the model's output holds the logits (:mod:`neurosens.outputs`).
 
     Returns ``{"n": images, "clean": acc, name: acc, ...}``; with ``distributed``, counts are summed
     over the ranks (each giving its own shard)."""
@@ -35,7 +37,7 @@ def evaluate(model, loader, attacks=None, device=None, progress=False, distribut
             for i, name in enumerate(names):
                 inputs = x if name == "clean" else attacks[name](x, y)
                 with torch.no_grad():
-                    correct[i] += hits(model(inputs), y).sum().item()
+                    correct[i] += hits(logits_of(model(inputs), logits, "evaluate"), y).sum().item()
             total += len(y)
     counts = torch.cat([correct, torch.tensor([float(total)], dtype=torch.float64)])
     if distributed:
@@ -44,11 +46,12 @@ def evaluate(model, loader, attacks=None, device=None, progress=False, distribut
     return {"n": total, **{name: (counts[i] / max(total, 1)).item() for i, name in enumerate(names)}}
 
 
-def robustness(models, loader, eps, steps=20, progress=True):
+def robustness(models, loader, eps, steps=20, progress=True, logits=None):
     """``{label: {"n", "clean", "fgsm", "pgd-<steps>", "cw"}}`` accuracies of ``{label: model}`` on ``loader``."""
     table = {}
     for label, model in models.items():
-        attacks = {"fgsm": make_attack("fgsm", model, eps), f"pgd-{steps}": make_attack("pgd", model, eps, steps=steps),
-                   "cw": make_attack("cw", model, eps, steps=steps)}
-        table[label] = evaluate(model, loader, attacks, progress=progress)
+        attacks = {"fgsm": make_attack("fgsm", model, eps, logits=logits),
+                   f"pgd-{steps}": make_attack("pgd", model, eps, steps=steps, logits=logits),
+                   "cw": make_attack("cw", model, eps, steps=steps, logits=logits)}
+        table[label] = evaluate(model, loader, attacks, progress=progress, logits=logits)
     return table

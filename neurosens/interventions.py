@@ -7,7 +7,8 @@ For one layer and a set of its neurons, the model runs in eval mode on the conca
 * ``"repair"``: give the adversarial half the benign output of the same input;
 * ``"mean"``: set them to their mean benign output (a per-neuron map averaged over the data).
 
-:func:`intervention_curve` reports benign and adversarial accuracy as the number of edited
+A model whose output is not the logits tensor itself takes ``logits=`` (a key, an index or a
+callable; :mod:`neurosens.outputs`). :func:`intervention_curve` reports benign and adversarial accuracy as the number of edited
 neurons grows, for the most sensitive, random (averaged over seeds) or least sensitive neurons.
 """
 from contextlib import contextmanager
@@ -19,6 +20,7 @@ from .capture import NeuronDims, eval_mode, output_tensor, select_layers
 from .checks import check_index_range
 from .env import model_device
 from .evaluation import hits
+from .outputs import logits_of
 from .selection import resolve_k
 
 MODES = ("zero", "repair", "mean")
@@ -115,17 +117,18 @@ def mean_benign_output(model, batches, layer, output_index=None):
 
 
 @torch.no_grad()
-def accuracies(model, batches, layer=None, neurons=(), mode="repair", channel_dim=None, mean=None, output_index=None):
+def accuracies(model, batches, layer=None, neurons=(), mode="repair", channel_dim=None, mean=None, output_index=None,
+               logits=None):
     """(benign accuracy, adversarial accuracy) over ``batches`` with the intervention applied."""
     correct_benign = correct_adv = total = 0
     with eval_mode(model):
         for x, x_adv, y in batches:
             if layer is None:
-                logits = model(torch.cat([x, x_adv]))
+                out = model(torch.cat([x, x_adv]))
             else:
                 with intervene(model, layer, neurons, mode, channel_dim, mean, output_index):
-                    logits = model(torch.cat([x, x_adv]))
-            right = hits(logits, y.repeat(2))
+                    out = model(torch.cat([x, x_adv]))
+            right = hits(logits_of(out, logits, "interventions"), y.repeat(2))
             correct_benign += right[: len(y)].sum().item()
             correct_adv += right[len(y):].sum().item()
             total += len(y)
@@ -133,7 +136,7 @@ def accuracies(model, batches, layer=None, neurons=(), mode="repair", channel_di
 
 
 def intervention_curve(model, batches, layer, report, ks=(0.01, 0.02, 0.05, 0.1, 0.2), selection="top", mode="repair",
-                       seeds=3, channel_dim=None, output_index=None, progress=True):
+                       seeds=3, channel_dim=None, output_index=None, progress=True, logits=None):
     """Benign and adversarial accuracy as ``k`` neurons of ``layer`` are edited.
 
     ``batches`` come from :func:`adversarial_batches`; ``report`` is the layer's
@@ -152,7 +155,7 @@ def intervention_curve(model, batches, layer, report, ks=(0.01, 0.02, 0.05, 0.1,
     mean = mean_benign_output(model, batches, name, output_index) if mode == "mean" else None
     draws = seeds if selection == "random" else 1
     result = {"layer": name, "selection": selection, "mode": mode, "k": counts, "benign": [], "adversarial": [],
-              "baseline": accuracies(model, batches)}
+              "baseline": accuracies(model, batches, logits=logits)}
     if selection == "random":
         result["benign_std"], result["adversarial_std"] = [], []
     for k in tqdm(counts, desc=f"{mode} {selection} {name}", unit="k", disable=not progress):
@@ -162,7 +165,7 @@ def intervention_curve(model, batches, layer, report, ks=(0.01, 0.02, 0.05, 0.1,
                 neurons = torch.randperm(num, generator=torch.Generator().manual_seed(seed))[:k]
             else:
                 neurons = report.topk(name, k, largest=selection == "top").indices
-            runs.append(accuracies(model, batches, name, neurons, mode, channel_dim, mean, output_index))
+            runs.append(accuracies(model, batches, name, neurons, mode, channel_dim, mean, output_index, logits))
         runs = torch.tensor(runs, dtype=torch.float64)
         result["benign"].append(runs[:, 0].mean().item())
         result["adversarial"].append(runs[:, 1].mean().item())

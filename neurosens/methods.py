@@ -5,7 +5,8 @@
 ``model`` is the network being trained (wrapped in DistributedDataParallel under torchrun: call it
 for every forward whose gradients should be synchronized); ``attack`` is the training attack (a
 :class:`~neurosens.attacks.PGD` on the bare module, already at the current eps), whose
-``attack(x, y)`` gives the adversarial batch; ``loss`` is a scalar tensor to minimize and ``logs``
+``attack(x, y)`` gives the adversarial batch and whose ``logits`` attribute, when it has one, says
+where the model's output holds the logits (:mod:`neurosens.outputs`); ``loss`` is a scalar tensor to minimize and ``logs``
 a dict of scalar tensors (batch means, e.g. ``{"adv_acc": ...}``) averaged into the epoch metrics.
 A new method is one more entry of :data:`METHODS` (a factory taking keyword options and
 returning such a function; a function with ``state_dict``/``load_state_dict`` has that state
@@ -17,18 +18,24 @@ import torch.nn.functional as F
 from .attacks import PGD
 from .capture import eval_mode
 from .evaluation import accuracy
+from .outputs import logits_of
 from .sns import SNSConfig, SNSRegularizer
+
+
+def _logits(model, x, attack):
+    """The logits of ``model(x)``, found where the training attack says they are."""
+    return logits_of(model(x), getattr(attack, "logits", None))
 
 
 def standard_loss(model, x, y, attack):
     """Cross-entropy on clean inputs; the attack is not used."""
-    logits = model(x)
+    logits = _logits(model, x, attack)
     return F.cross_entropy(logits, y), {"acc": accuracy(logits, y)}
 
 
 def pgd_at_loss(model, x, y, attack):
     """Madry et al.: cross-entropy on the PGD adversarial batch only."""
-    logits = model(attack(x, y))
+    logits = _logits(model, attack(x, y), attack)
     return F.cross_entropy(logits, y), {"adv_acc": accuracy(logits, y)}
 
 
@@ -40,15 +47,15 @@ def trades_loss(beta=6.0):
 
     def loss_fn(model, x, y, attack):
         with torch.no_grad(), eval_mode(attack.model):
-            p_clean = F.softmax(attack.model(x), 1)
+            p_clean = F.softmax(_logits(attack.model, x, attack), 1)
 
         def kl_to_clean(logits, _):
             return F.kl_div(F.log_softmax(logits, 1), p_clean, reduction="none").sum(1)
 
         inner = PGD(attack.model, attack.eps, attack.alpha, attack.steps, attack.norm, random_start="normal", loss=kl_to_clean,
-                    clip=attack.clip)
+                    clip=attack.clip, logits=getattr(attack, "logits", None))
         x_adv = inner(x, y)
-        logits, logits_adv = model(x), model(x_adv)
+        logits, logits_adv = _logits(model, x, attack), _logits(model, x_adv, attack)
         ce = F.cross_entropy(logits, y)
         kl = F.kl_div(F.log_softmax(logits_adv, 1), F.softmax(logits, 1), reduction="batchmean")
         return ce + beta * kl, {"acc": accuracy(logits, y), "adv_acc": accuracy(logits_adv, y),
@@ -79,16 +86,16 @@ class SNSLoss:
         reg = self.regularizer
         x_adv = attack(x, y)
         if reg.lam == 0 and self.clean_weight == 0 and self.adv_examples == "all":
-            logits_adv = model(x_adv)
+            logits_adv = _logits(model, x_adv, attack)
             return F.cross_entropy(logits_adv, y), {"adv_acc": accuracy(logits_adv, y)}
         with reg.capture():
             if self.forward == "joint":
-                logits, logits_adv = model(torch.cat([x, x_adv])).chunk(2)
+                logits, logits_adv = _logits(model, torch.cat([x, x_adv]), attack).chunk(2)
             else:
                 # A detached benign side needs no graph unless the clean cross-entropy uses it.
                 with torch.set_grad_enabled(not (reg.detach_benign and self.clean_weight == 0)):
-                    logits = model(x)
-                logits_adv = model(x_adv)
+                    logits = _logits(model, x, attack)
+                logits_adv = _logits(model, x_adv, attack)
         ce_each = F.cross_entropy(logits_adv, y, reduction="none")
         if self.adv_examples == "correct":
             ce_each = ce_each * (logits.argmax(1) == y).to(ce_each.dtype)

@@ -17,6 +17,7 @@ from .capture import LayerHooks, NeuronDims, eval_mode, select_layers, unwrap
 from .checks import check_metric
 from .env import model_device
 from .evaluation import hits
+from .outputs import check_logits, logits_of
 from .ops import neuron_distance
 from .report import SensitivityReport
 from .version import __version__
@@ -43,7 +44,9 @@ class NeuronSensitivity:
     absolute value. Each layer's neuron dim is inferred from its module (an ``nn.Linear`` on
     [N, T, C] tokens: the last dim; see :class:`~neurosens.capture.NeuronDims`); ``channel_dim``
     (1 for [N, C, ...], -1 for [N, T, C], or a dict ``{layer name: dim}``) says it where the module
-    does not. ``output_index`` picks the tensor from layers returning tuples.
+    does not. ``output_index`` picks the tensor from layers returning tuples. ``logits`` says where
+    the model's output holds the logits (a key, an index or a callable; see
+    :mod:`neurosens.outputs`): batches with labels count benign and adversarial accuracy from them.
 
     A layer run several times per forward (a shared ReLU, say) is reported once per call, as
     ``name#0``, ``name#1``, ..., each averaged over the samples whose forward made that call. The
@@ -51,7 +54,7 @@ class NeuronSensitivity:
     """
 
     def __init__(self, model, layers="auto", metric="l1", channel_dim=None, relative=False, auto="conv_linear",
-                 output_index=None):
+                 output_index=None, logits=None):
         check_metric(metric, "NeuronSensitivity", relative=relative)
         self.model = model
         self.modules = select_layers(model, layers, auto)
@@ -59,6 +62,7 @@ class NeuronSensitivity:
         self.metric = metric
         self.relative = relative
         self.output_index = output_index
+        self.logits = check_logits(logits, "NeuronSensitivity")
         self.reset()
 
     def reset(self):
@@ -104,7 +108,11 @@ class NeuronSensitivity:
             out = self.model(torch.cat([x, x_adv]))
         hooks.check_ran()
         correct = None
-        if y is not None and isinstance(out, torch.Tensor) and out.dim() == 2 and out.shape[0] == 2 * batch:
+        if y is not None:
+            out = logits_of(out, self.logits, "NeuronSensitivity (labels given, accuracies counted)")
+            if out.dim() != 2 or out.shape[0] != 2 * batch:
+                raise ValueError(f"NeuronSensitivity: the logits have shape {list(out.shape)}, expected [{2 * batch}, classes] "
+                                 "to count the accuracies of the labelled batch; say where they are with logits=")
             right = hits(out, y.to(out.device).repeat(2)).view(2, batch).sum(1).to(torch.float64).cpu()
             correct = torch.cat([right, right.new_tensor([batch])])
         # Commit only once the whole batch succeeded, so a failing batch leaves everything untouched.
@@ -213,6 +221,7 @@ def measure(
     relative=False,
     auto="conv_linear",
     output_index=None,
+    logits=None,
     device=None,
     max_batches=None,
     progress=True,
@@ -223,9 +232,12 @@ def measure(
     With an ``attack`` (a callable ``attack(x, y) -> x_adv``) each batch is ``(x, y, ...)``;
     without one each batch is ``(x, x_adv)`` or ``(x, x_adv, y)``. Batches move to ``device``
     (default: the model's). ``max_batches`` stops early. The other arguments are those of
-    :class:`NeuronSensitivity`; ``meta`` adds to the report's metadata.
+    :class:`NeuronSensitivity`, except that ``logits=None`` takes the attack's ``logits`` when it has
+    one; ``meta`` adds to the report's metadata.
     """
-    meter = NeuronSensitivity(model, layers, metric, channel_dim, relative, auto, output_index)
+    if logits is None:
+        logits = getattr(attack, "logits", None)
+    meter = NeuronSensitivity(model, layers, metric, channel_dim, relative, auto, output_index, logits)
     device = torch.device(device) if device is not None else model_device(model)
     total = len(loader) if hasattr(loader, "__len__") else None
     if max_batches is not None:

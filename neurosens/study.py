@@ -53,20 +53,21 @@ def report_files(out_dir, labels):
 
 
 def run_study(models, test_set, eps, out_dir, layers="auto", intervention_model=None, intervention_layer=None,
-              ks=(0.02, 0.05, 0.1, 0.2, 0.5), seeds=3, steps=20, batch_size=128, title="neurosens study", progress=True):
+              ks=(0.02, 0.05, 0.1, 0.2, 0.5), seeds=3, steps=20, batch_size=128, title="neurosens study", progress=True, logits=None):
     """Compare ``models`` (``{label: model}``) on ``test_set`` under L-inf attacks of budget ``eps``.
 
     The interventions run on ``intervention_model`` (default: the first model) and
-    ``intervention_layer`` (default: the last measured layer before the output). Returns the
-    summary written to ``results.json``.
+    ``intervention_layer`` (default: the last measured layer before the output). ``logits`` says
+    where the models' outputs hold the logits (:mod:`neurosens.outputs`). Returns the summary
+    written to ``results.json``.
     """
     started = time.perf_counter()
     os.makedirs(out_dir, exist_ok=True)
     loader = make_loader(test_set, batch_size)
-    robust = robustness(models, loader, eps, steps, progress)
+    robust = robustness(models, loader, eps, steps, progress, logits)
     reports, files = {}, report_files(out_dir, models)
     for label, model in models.items():
-        reports[label] = measure(model, loader, PGD(model, eps, steps=steps), layers=layers, progress=progress,
+        reports[label] = measure(model, loader, PGD(model, eps, steps=steps, logits=logits), layers=layers, progress=progress,
                                  meta={"label": label})
         reports[label].to_json(files[label])
     labels = list(models)
@@ -77,12 +78,13 @@ def run_study(models, test_set, eps, out_dir, layers="auto", intervention_model=
     report = reports[target]
     layer = intervention_layer or (report.layers[-2] if len(report.layers) > 1 else report.layers[0])
     model = models[target]
-    batches = adversarial_batches(model, loader, PGD(model, eps, steps=steps), progress=progress)
+    batches = adversarial_batches(model, loader, PGD(model, eps, steps=steps, logits=logits), progress=progress)
     curves = {}
     for mode in MODES:
         curves[mode] = {}
         for selection in SELECTIONS:
-            curve = intervention_curve(model, batches, layer, report, ks, selection, mode, seeds, progress=progress)
+            curve = intervention_curve(model, batches, layer, report, ks, selection, mode, seeds, progress=progress,
+                                       logits=logits)
             curve["neurons"] = report[layer].numel()
             curves[mode][selection] = curve
     curve_path = os.path.join(out_dir, "interventions.png")

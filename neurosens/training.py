@@ -31,6 +31,7 @@ from .data import make_loader
 from .env import default_device
 from .evaluation import evaluate
 from .methods import METHODS, make_loss
+from .outputs import check_logits
 from .sns import SNSConfig
 
 CHECKPOINT = "checkpoint.pt"
@@ -46,7 +47,9 @@ class TrainConfig:
     shape the step schedule; ``eval_*`` set the per-epoch PGD evaluation on the first ``eval_limit``
     test images. ``sns_<name>`` is the option ``<name>`` of :class:`~neurosens.sns.SNSConfig`
     (``sns_layers``: a list of names or patterns, or "auto"; ``sns_refresh``: batches between
-    selections, or "epoch")."""
+    selections, or "epoch"). ``logits`` says where a model's output holds the logits, as a key or an
+    index (:mod:`neurosens.outputs`; a callable does not fit in the run's JSON config: give it to
+    the attack of a ``loss_fn`` of your own)."""
 
     method: str = "standard"
     epochs: int = 10
@@ -83,6 +86,7 @@ class TrainConfig:
     deterministic: bool = True
     num_workers: int = 0
     progress: bool = True
+    logits: object = None
 
     OPTIMIZERS = ("sgd", "adam")
     SCHEDULES = ("cosine", "step", "constant")
@@ -111,6 +115,9 @@ class TrainConfig:
         self.milestones = tuple(float(m) for m in self.milestones)
         if not all(0 < m < 1 for m in self.milestones):
             raise ValueError(f"milestones={list(self.milestones)}: each must be a fraction of the run in (0, 1)")
+        if callable(check_logits(self.logits, "TrainConfig")):
+            raise ValueError("TrainConfig: logits= must be a key or an index, which the run's config records; "
+                             "a callable goes to the attack of a loss_fn of your own")
         if isinstance(self.sns_layers, tuple):
             self.sns_layers = list(self.sns_layers)
         self.sns_config().check("TrainConfig", prefix="sns_", per_epoch=True)
@@ -195,9 +202,9 @@ class Trainer:
         # Built before any training, so bad method options (an unknown layer, k too large) fail first.
         self.loss_fn = loss_fn or make_loss(cfg.method, beta=cfg.beta, model=self.model,
                                             sns=cfg.sns_config(self.steps_per_epoch))
-        self.attack = PGD(self.model, cfg.eps, cfg.alpha, cfg.steps, cfg.norm)
+        self.attack = PGD(self.model, cfg.eps, cfg.alpha, cfg.steps, cfg.norm, logits=cfg.logits)
         self._alpha = self.attack.alpha
-        self.eval_attack = PGD(self.model, cfg.eps, cfg.eval_alpha, cfg.eval_steps, cfg.norm)
+        self.eval_attack = PGD(self.model, cfg.eps, cfg.eval_alpha, cfg.eval_steps, cfg.norm, logits=cfg.logits)
 
         params = self.model.parameters()
         if cfg.optimizer == "sgd":
@@ -273,7 +280,8 @@ class Trainer:
         loader = make_loader(shard, max(cfg.batch_size // self.world, 1), num_workers=cfg.num_workers)
         attacks = {"pgd": self.eval_attack} if cfg.eps > 0 else {}
         with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
-            result = evaluate(self.model, loader, attacks, self.device, distributed=self.distributed)
+            result = evaluate(self.model, loader, attacks, self.device, distributed=self.distributed,
+                              logits=cfg.logits)
         return {f"test_{k}": v for k, v in result.items()}
 
     def state_dict(self):

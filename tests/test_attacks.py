@@ -222,7 +222,7 @@ def test_bad_calls_raise_clear_errors(digits):
 
 def test_autoattack_without_torchattacks_says_how_to_install(monkeypatch):
     monkeypatch.setitem(sys.modules, "torchattacks", None)
-    with pytest.raises(ImportError, match="pip install torchattacks"):
+    with pytest.raises(ImportError, match=r"pip install 'neurosens\[attacks\]'"):
         AutoAttack(nn.Linear(4, 2), 0.1)
 
 

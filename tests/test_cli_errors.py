@@ -43,8 +43,8 @@ def sub(files, argv):
 
 TRAIN = ["train", "--data", "digits8", "--width", "8", "--epochs", "1", "--no-progress", "--out", "@run-new"]
 EVAL = ["eval", "@run/model.pt", "--eps", "0.1", "--attacks", "clean"]
-SENS = ["sensitivity", "--model", "@run/model.pt", "--samples", "8", "--no-progress", "--out", "@sens"]
-REPORT = ["report", "--models", "@run/model.pt", "--eps", "0.1", "--out", "@rep"]
+SENS = ["sensitivity", "@run/model.pt", "--samples", "8", "--no-progress", "--out", "@sens"]
+REPORT = ["report", "@run/model.pt", "--eps", "0.1", "--out", "@rep"]
 DEMO = ["demo", "--out", "@demo"]
 
 CASES = [
@@ -70,7 +70,10 @@ CASES = [
     (["eval", "@empty.pt", "--eps", "0.1"], "empty.pt"),
     (["eval", "@corrupt.pt", "--eps", "0.1"], "corrupt.pt"),
     (EVAL + ["--json", "@nowhere/out.json"], "--json"),
-    (EVAL + ["-n", "-5"], "--num"),
+    (EVAL + ["-n", "-5"], "--samples"),
+    (EVAL + ["--num", "5"], "-n/--samples"),
+    (EVAL + ["--eps", "8/0"], "--eps"),
+    (EVAL + ["--data-root", "@no-data"], "--root"),
     (EVAL + ["--eps", "-1"], "--eps"),
     (EVAL + ["--steps", "0"], "--steps"),
     (EVAL + ["--batch-size", "0"], "--batch-size"),
@@ -79,19 +82,24 @@ CASES = [
     (EVAL + ["--attacks", "clean,nope"], "--attacks"),
     # sensitivity
     (SENS + ["--out", "@a-file"], "--out"),
-    (SENS + ["--samples", "0"], "--samples"),
+    (SENS + ["--samples", "-1"], "--samples"),
+    (SENS + ["--layers", "nn.Nope"], "--layers"),
+    (SENS + ["--layers", ","], "--layers"),
+    (SENS + ["--data-root", "@no-data"], "--root"),
+    (["sensitivity", "--model", "@run/model.pt", "--out", "@sens"], "positional MODEL"),
     (SENS + ["--batch-size", "0"], "--batch-size"),
     (SENS + ["--eps", "inf"], "--eps"),
     (SENS + ["--steps", "0"], "--steps"),
     (SENS + ["--top", "0"], "--top"),
-    (["sensitivity", "--model", "@empty.pt", "--out", "@sens"], "empty.pt"),
+    (["sensitivity", "@empty.pt", "--out", "@sens"], "empty.pt"),
     (SENS + ["--compare", "@a-file"], "a-file"),
     # report
     (REPORT + ["--seeds", "0"], "--seeds"),
-    (REPORT + ["-n", "-5"], "--num"),
+    (REPORT + ["-n", "-5"], "--samples"),
+    (["report", "--models", "@run/model.pt", "@run/model.pt", "--out", "@rep"], "positional MODEL ..."),
     (REPORT + ["--out", "@a-file"], "--out"),
     (REPORT + ["--eps", "-1"], "--eps"),
-    (["report", "--models", "@corrupt.pt", "--eps", "0.1", "--out", "@rep"], "corrupt.pt"),
+    (["report", "@corrupt.pt", "--eps", "0.1", "--out", "@rep"], "corrupt.pt"),
     # demo
     (DEMO + ["--epochs", "0"], "--epochs"),
     (DEMO + ["--eps", "-1"], "--eps"),
@@ -117,3 +125,11 @@ def test_sensitivity_refuses_a_bad_out_before_measuring(files, capsys, monkeypat
 
     monkeypatch.setattr(neurosens.sensitivity, "measure", lambda *a, **k: pytest.fail("measured before checking --out"))
     one_line_error(capsys, sub(files, SENS + ["--out", "@a-file"]))
+
+
+def test_eval_without_torchattacks_says_how_to_install(files, capsys, monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "torchattacks", None)
+    line = one_line_error(capsys, sub(files, ["eval", "@run/model.pt", "--attacks", "clean,autoattack"]))
+    assert "pip install 'neurosens[attacks]'" in line and "--attacks" in line

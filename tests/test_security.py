@@ -201,7 +201,7 @@ def test_report_command_keeps_every_file_under_out(tmp_path):
     model.parent.mkdir()
     save_checkpoint({"model": fresh_model().state_dict(), "meta": {"model": SPEC, "data": "digits8"}}, model)
     outside = tmp_path / "abs"
-    assert main(["report", "--models", str(model), str(model), "--labels", str(outside), "../../up", "--eps", "0.1",
+    assert main(["report", str(model), str(model), "--labels", str(outside), "../../up", "--eps", "0.1",
                  "-n", "16", "--steps", "1", "--seeds", "1", "--layers", "conv2,fc1", "--device", "cpu",
                  "--out", str(tmp_path / "rep")]) == 0
     assert not outside.with_suffix(".report.json").exists() and not (tmp_path.parent / "up.report.json").exists()

@@ -354,8 +354,8 @@ def test_command_writes_report_csv_and_plots(tmp_path, capsys):
     torch.save({"model": build_model(**spec).state_dict(), "meta": {"model": spec, "data": "digits"}, "config": {"eps": 0.1}},
                tmp_path / "model.pt")
     out = tmp_path / "out"
-    args = ["sensitivity", "--model", str(tmp_path / "model.pt"), "--samples", "24", "--batch-size", "10", "--steps", "2",
-            "--layers", "conv*", "nn.Linear", "--out", str(out), "--no-progress"]
+    args = ["sensitivity", str(tmp_path / "model.pt"), "--samples", "24", "--batch-size", "10", "--steps", "2",
+            "--layers", "conv*,nn.Linear", "--out", str(out), "--no-progress"]
     assert main(args) == 0
     report = SensitivityReport.from_json(out / "report.json")
     assert report.layers == ["conv1", "conv2", "fc1", "fc2"]
@@ -367,10 +367,10 @@ def test_command_writes_report_csv_and_plots(tmp_path, capsys):
 
     torch.save({"model": build_model(**spec).state_dict()}, tmp_path / "bare.pt")
     with pytest.raises(SystemExit, match="does not record its architecture; give --arch"):
-        main(["sensitivity", "--model", str(tmp_path / "bare.pt"), "--data", "digits", "--eps", "8/255", "--out", str(out)])
-    assert main(["sensitivity", "--model", str(tmp_path / "bare.pt"), "--arch", "small-cnn", "--data", "digits", "--eps", "8/255",
+        main(["sensitivity", str(tmp_path / "bare.pt"), "--data", "digits", "--eps", "8/255", "--out", str(out)])
+    assert main(["sensitivity", str(tmp_path / "bare.pt"), "--arch", "small-cnn", "--data", "digits", "--eps", "8/255",
                  "--attack", "fgsm", "--samples", "8", "--layers", "fc2", "--out", str(tmp_path / "bare"), "--no-progress",
                  "--compare", str(out / "report.json")]) == 0
     assert SensitivityReport.from_json(tmp_path / "bare" / "report.json").meta["eps"] == pytest.approx(8 / 255)
     with pytest.raises(SystemExit, match="no layer named 'conv9'"):
-        main(["sensitivity", "--model", str(tmp_path / "model.pt"), "--layers", "conv9", "--out", str(out)])
+        main(["sensitivity", str(tmp_path / "model.pt"), "--layers", "conv9", "--out", str(out)])

@@ -88,15 +88,15 @@ def test_report_command_reads_checkpoints_and_names_bad_labels(tmp_path, capsys)
         torch.save({"model": build_model(**spec).state_dict(), "meta": {"model": spec, "data": "digits8"}}, path)
         paths.append(str(path))
     out = tmp_path / "report"
-    assert cli_main(["report", "--models", *paths, "--labels", "one", "two", "--out", str(out), "--eps", "0.1",
+    assert cli_main(["report", *paths, "--labels", "one", "two", "--out", str(out), "--eps", "0.1",
                      "-n", "40", "--steps", "2", "--seeds", "1"]) == 0
     assert "report:" in capsys.readouterr().out
     results = json.loads((out / "results.json").read_text())
     assert list(results["robustness"]) == ["one", "two"] and results["test_images"] == 40
     with pytest.raises(SystemExit, match="1 labels for 2 models"):
-        cli_main(["report", "--models", *paths, "--labels", "one", "--out", str(out), "--eps", "0.1"])
+        cli_main(["report", *paths, "--labels", "one", "--out", str(out), "--eps", "0.1"])
     with pytest.raises(SystemExit, match="--intervene-on: 'three'"):
-        cli_main(["report", "--models", *paths, "--labels", "one", "two", "--intervene-on", "three",
+        cli_main(["report", *paths, "--labels", "one", "two", "--intervene-on", "three",
                   "--out", str(out), "--eps", "0.1"])
 
 

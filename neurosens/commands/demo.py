@@ -14,7 +14,7 @@ PRESETS = {
 
 
 def add_arguments(parser):
-    from . import non_negative, out_dir, positive_int
+    from . import add_eps, add_root, out_dir, positive_int
 
     parser.add_argument("--data", choices=sorted(PRESETS), default="digits",
                         help="digits (scikit-learn, 28x28, nothing to fetch) or mnist (after `neurosens data fetch mnist`)")
@@ -22,11 +22,11 @@ def add_arguments(parser):
     parser.add_argument("--methods", nargs="+", default=["standard", "pgd_at", "trades", "sns"],
                         help="training methods to compare (default: standard pgd_at trades sns)")
     parser.add_argument("--epochs", type=positive_int, help="training epochs (default: per data set)")
-    parser.add_argument("--eps", type=non_negative, help="L-inf budget in pixel units (default: 0.1 digits, 0.3 mnist)")
+    add_eps(parser, "0.1 digits, 0.3 mnist")
     parser.add_argument("--steps", type=positive_int, default=7, help="PGD steps while training (default: 7)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=positive_int, help="CPU threads (default: torch's choice)")
-    parser.add_argument("--root", help="data root for --data mnist (default: data/ or $NEUROSENS_DATA)")
+    add_root(parser)
 
 
 def run(args):

@@ -6,18 +6,17 @@ HELP = ("Compare trained models: robustness table, per-layer neuron sensitivity 
 
 
 def add_arguments(parser):
-    from ..data import DATASETS
-    from . import count_or_zero, device, non_negative, out_dir, positive_int
+    from . import add_data, add_eps, add_layers, add_logits, add_model, add_samples, device, out_dir, positive_int
 
-    parser.add_argument("--models", nargs="+", required=True, help="model.pt or checkpoint.pt files from `neurosens train`")
+    add_model(parser, many=True)
     parser.add_argument("--labels", nargs="+", help="one name per model (default: each file's folder name)")
     parser.add_argument("--out", type=out_dir, required=True, help="output folder")
-    parser.add_argument("--eps", type=non_negative, required=True, help="L-inf attack budget in pixel units")
-    parser.add_argument("--data", choices=sorted(DATASETS), help="data set (default: the one the first model was trained on)")
-    parser.add_argument("--root", help="data root (default: $NEUROSENS_DATA or ./data)")
-    parser.add_argument("-n", "--num", type=count_or_zero, default=1000, help="first N test images (default: 1000; 0 for all)")
+    add_eps(parser, "the eps the models were trained with, when they agree")
+    add_data(parser, "the one the first model was trained on")
+    add_samples(parser, 1000)
     parser.add_argument("--steps", type=positive_int, default=20, help="PGD and CW steps (default: 20)")
-    parser.add_argument("--layers", default="auto", help="comma-separated layer names, or auto (default)")
+    add_layers(parser, "layers to measure")
+    add_logits(parser)
     parser.add_argument("--intervene-on", help="label of the model the interventions run on (default: the first)")
     parser.add_argument("--intervene-layer", help="layer the interventions edit (default: the last hidden one)")
     parser.add_argument("--seeds", type=positive_int, default=3, help="random selections averaged per point (default: 3)")
@@ -30,7 +29,7 @@ def run(args):
 
     from .. import data as datasets
     from ..study import run_study
-    from ..checkpoint import load_checkpoint, load_model, trained_on
+    from ..checkpoint import load_checkpoint, model_from_state, trained_on, training_eps
     from ..env import default_device
 
     labels = args.labels or [os.path.basename(os.path.dirname(os.path.abspath(p))) for p in args.models]
@@ -43,20 +42,21 @@ def run(args):
     if args.threads:
         torch.set_num_threads(args.threads)
     device = default_device(args.device)
-    try:
-        data_name = trained_on(load_checkpoint(args.models[0]), args.models[0], args.data)
-    except ValueError as err:
-        raise SystemExit(f"neurosens report: {err}") from None
-    models = {label: load_model(path, device) for label, path in zip(labels, args.models)}
-    test_set = datasets.load(data_name, train=False, root=args.root)
-    if args.num:
-        test_set = torch.utils.data.Subset(test_set, range(min(args.num, len(test_set))))
-    layers = "auto" if args.layers == "auto" else [name.strip() for name in args.layers.split(",") if name.strip()]
-    summary = run_study(models, test_set, args.eps, args.out, layers=layers, intervention_model=args.intervene_on,
+    states = [load_checkpoint(path) for path in args.models]
+    data_name = trained_on(states[0], args.models[0], args.data)
+    if args.eps is None:
+        trained = {path: training_eps(state, path) for path, state in zip(args.models, states)}
+        if len(set(trained.values())) > 1:
+            raise SystemExit("neurosens report: the models were trained with different eps ("
+                             + ", ".join(f"{path}: {eps:g}" for path, eps in trained.items()) + "); give --eps")
+    eps = training_eps(states[0], args.models[0], args.eps)
+    models = {label: model_from_state(state, path, device) for label, path, state in zip(labels, args.models, states)}
+    test_set = datasets.load(data_name, train=False, root=args.root).first(args.samples)
+    summary = run_study(models, test_set, eps, args.out, layers=args.layers, intervention_model=args.intervene_on,
                         intervention_layer=args.intervene_layer, seeds=args.seeds, steps=args.steps,
-                        title=f"neurosens report ({data_name}, eps {args.eps:g})")
+                        title=f"neurosens report ({data_name}, eps {eps:g})", logits=args.logits)
     inter = summary["interventions"]
-    print(f"\n{data_name}, {summary['test_images']} test images, eps {args.eps:g}")
+    print(f"\n{data_name}, {summary['test_images']} test images, eps {eps:g}")
     for label, row in summary["robustness"].items():
         print(f"{label:12s} " + "  ".join(f"{c} {100 * v:.1f}%" for c, v in row.items() if c != "n"))
     print(f"interventions on {inter['model']}, layer {inter['layer']}:")

@@ -7,26 +7,22 @@ HELP = "Measure per-neuron sensitivity of a trained model under attack; write re
 def add_arguments(parser):
     from ..attacks import ATTACKS, NORMS
     from ..capture import AUTO_KINDS
-    from ..data import DATASETS
     from ..models import MODELS
     from ..reference import METRICS
-    from . import device, non_negative, out_dir, positive, positive_int
+    from . import add_data, add_eps, add_layers, add_logits, add_model, add_samples, device, out_dir, positive, positive_int
 
-    parser.add_argument("--model", required=True, metavar="CKPT", help="model.pt or checkpoint.pt written by training")
-    parser.add_argument("--arch", choices=sorted(MODELS), help="architecture; default: the one recorded in the checkpoint")
-    parser.add_argument("--data", choices=sorted(DATASETS), help="data set; default: the one recorded in the checkpoint")
-    parser.add_argument("--data-root", help="folder holding the data sets (default: $NEUROSENS_DATA or ./data)")
+    add_model(parser)
+    parser.add_argument("--arch", choices=sorted(MODELS), help="architecture (default: the one recorded in the checkpoint)")
+    add_data(parser)
     parser.add_argument("--split", choices=["test", "train"], default="test", help="which split to measure on (default: test)")
-    parser.add_argument("--samples", type=positive_int, help="measure on this many samples (a seeded random subset); default: all")
+    add_samples(parser, 0)
     parser.add_argument("--batch-size", type=positive_int, default=256, help="benign/adversarial pairs per forward (default: 256)")
     parser.add_argument("--attack", choices=sorted(ATTACKS), default="pgd", help="attack crafting x' (default: pgd)")
-    parser.add_argument("--eps", type=non_negative, help="attack budget in pixel units, e.g. 0.3 or 8/255; default: the training eps")
+    add_eps(parser)
     parser.add_argument("--alpha", type=positive, help="step size for pgd/cw (default: 2.5 * eps / steps)")
     parser.add_argument("--steps", type=positive_int, default=20, help="steps for pgd/cw (default: 20)")
     parser.add_argument("--norm", choices=NORMS, default="linf", help="attack norm (default: linf)")
-    parser.add_argument("--layers", nargs="+", default=["auto"], metavar="LAYER",
-                        help="layer names, glob patterns (quote them: 'layer3.*.conv2'), module types such as nn.Conv2d, "
-                             "or auto (default)")
+    add_layers(parser, "layers to measure")
     parser.add_argument("--auto", choices=sorted(AUTO_KINDS), default="conv_linear",
                         help="what --layers auto selects: " + "; ".join(f"{k}: {v}" for k, v in AUTO_KINDS.items())
                              + " (default: conv_linear)")
@@ -35,30 +31,15 @@ def add_arguments(parser):
     parser.add_argument("--channel-dim", type=int, default=None,
                         help="dim of the neurons of layers whose module does not say it: 1 for [N, C, ...], -1 for "
                              "[N, T, C] (default: inferred per layer; Linear: last dim, conv: dim 1)")
+    add_logits(parser)
     parser.add_argument("--top", type=positive_int, default=3, help="most sensitive neurons to print per layer (default: 3)")
     parser.add_argument("--label", help="name of this model in tables and plots (default: the checkpoint's folder name)")
     parser.add_argument("--compare", nargs="+", default=[], metavar="REPORT",
                         help="report.json files of other models for the same plots and a comparison table (ratios are to the first)")
     parser.add_argument("--device", type=device, help="cpu, cuda, cuda:1, ... (default: cuda when available)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the subset and of the attack's random start")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the attack's random start (default: 0)")
     parser.add_argument("--out", type=out_dir, required=True, metavar="DIR", help="folder for report.json, CSVs and PNGs")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
-
-
-def _layer_specs(entries):
-    """Layer arguments as select_layers takes them: ``nn.Conv2d`` names a torch.nn module type."""
-    from torch import nn
-
-    specs = []
-    for entry in entries:
-        if entry.startswith("nn."):
-            cls = getattr(nn, entry[3:], None)
-            if not (isinstance(cls, type) and issubclass(cls, nn.Module)):
-                raise ValueError(f"--layers {entry}: torch.nn has no module type {entry[3:]!r}")
-            specs.append(cls)
-        else:
-            specs.append(entry)
-    return specs
 
 
 def _print_summary(report, top):
@@ -78,7 +59,7 @@ def run(args):
 
     from .. import data
     from ..attacks import make_attack
-    from ..checkpoint import load_checkpoint, model_from_state, trained_on
+    from ..checkpoint import load_checkpoint, model_from_state, trained_on, training_eps
     from ..env import default_device
     from ..plots import save_plots
     from ..report import SensitivityReport, compare
@@ -89,18 +70,14 @@ def run(args):
         others = [SensitivityReport.from_json(path) for path in args.compare]
         state = load_checkpoint(args.model)
         data_name = trained_on(state, args.model, args.data)
-        eps = args.eps if args.eps is not None else (state.get("config") or {}).get("eps")
-        if eps is None:
-            raise ValueError(f"{args.model}: the checkpoint does not record a training eps; give --eps")
-        dataset = data.load(data_name, train=args.split == "train", root=args.data_root)
-        if args.samples is not None:
-            dataset = dataset.subset(args.samples, seed=args.seed)
+        eps = training_eps(state, args.model, args.eps)
+        dataset = data.load(data_name, train=args.split == "train", root=args.root).first(args.samples)
         model = model_from_state(state, args.model, device, args.arch, dataset)
     except (ValueError, FileNotFoundError, RuntimeError) as err:
         raise SystemExit(f"neurosens sensitivity: {err}") from None
 
     attack = make_attack(args.attack, model, eps, args.norm, args.alpha, args.steps, num_classes=dataset.num_classes,
-                         seed=args.seed)
+                         seed=args.seed, logits=args.logits)
     label = args.label or os.path.basename(os.path.dirname(os.path.abspath(args.model))) or "model"
     torch.manual_seed(args.seed)
     try:
@@ -108,7 +85,7 @@ def run(args):
             model,
             data.make_loader(dataset, args.batch_size),
             attack,
-            layers=_layer_specs(args.layers),
+            layers=args.layers,
             metric=args.metric,
             channel_dim=args.channel_dim,
             relative=args.relative,

@@ -11,17 +11,17 @@ def add_arguments(parser):
     from ..methods import METHODS
     from ..sns import SNSConfig
     from ..training import TrainConfig
-    from . import count_or_zero, device, fraction, non_negative, out_dir, positive, positive_int
+    from . import add_eps, add_root, count_or_zero, device, fraction, non_negative, out_dir, positive, positive_int
 
     d = TrainConfig()
     parser.add_argument("--arch", default="small-cnn", choices=sorted(MODELS), help="architecture (default: small-cnn)")
     parser.add_argument("--width", type=positive_int, help="small-cnn: channels of conv1 (default: 16)")
     parser.add_argument("--data", default="mnist", choices=sorted(DATASETS), help="data set (default: mnist)")
-    parser.add_argument("--root", help="data root (default: $NEUROSENS_DATA or ./data)")
+    add_root(parser)
     parser.add_argument("--train-limit", type=positive_int, help="train on a seeded random subset of this many images")
     parser.add_argument("--no-normalize", action="store_true", help="no Normalize layer in the model")
     parser.add_argument("--method", default=d.method, choices=sorted(METHODS), help=f"training method (default: {d.method})")
-    parser.add_argument("--eps", type=non_negative, default=d.eps, help="L-inf (or L2) budget in pixel units (default: 8/255)")
+    add_eps(parser, "8/255", d.eps)
     parser.add_argument("--alpha", type=positive, help="PGD step size while training (default: 2.5 * eps / steps)")
     parser.add_argument("--steps", type=positive_int, default=d.steps, help=f"PGD steps while training (default: {d.steps})")
     parser.add_argument("--norm", default=d.norm, choices=["linf", "l2"], help="attack norm (default: linf)")

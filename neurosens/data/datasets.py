@@ -56,6 +56,12 @@ class ImageDataset(Dataset):
         end = len(self) if limit is None else min(limit, len(self))
         return self.pixels(self.images[:end]), self.labels[:end]
 
+    def first(self, count):
+        """The first ``count`` samples; the whole set if ``count`` is 0 or >= its size."""
+        if count == 0 or count >= len(self):
+            return self
+        return ImageDataset(self.images[:count], self.labels[:count], self.num_classes, self.name)
+
     def subset(self, count, seed=0):
         """A random (seeded) subset of ``count`` samples; the whole set if ``count`` >= its size."""
         if count >= len(self):
