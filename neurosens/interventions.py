@@ -16,7 +16,8 @@ from contextlib import contextmanager
 import torch
 from tqdm.auto import tqdm
 
-from .capture import NeuronDims, eval_mode, output_tensor, select_layers
+from .capture import eval_mode, output_tensor
+from .layers import NeuronDims, select_layers
 from .checks import check_index_range
 from .env import model_device
 from .evaluation import hits
@@ -41,7 +42,7 @@ def intervene(model, layer, neurons, mode="repair", channel_dim=None, mean=None,
     """Edit ``neurons`` of ``layer`` while the model runs on ``[x; x_adv]`` batches (see module doc).
 
     The layer's neuron dim is inferred as in measurement, or given by ``channel_dim`` (see
-    :class:`~neurosens.capture.NeuronDims`). ``mean`` is the layer's mean benign output without
+    :class:`~neurosens.layers.NeuronDims`). ``mean`` is the layer's mean benign output without
     the batch dim, needed by ``mode="mean"`` (:func:`mean_benign_output` computes it).
     """
     if mode not in MODES:

@@ -13,7 +13,8 @@ import torch
 import torch.distributed as dist
 from tqdm.auto import tqdm
 
-from .capture import LayerHooks, NeuronDims, eval_mode, select_layers, unwrap
+from .capture import LayerHooks, eval_mode
+from .layers import NeuronDims, select_layers, unwrap
 from .checks import check_metric
 from .env import model_device
 from .evaluation import hits
@@ -38,11 +39,11 @@ def describe(obj):
 class NeuronSensitivity:
     """Running per-neuron sensitivity of the chosen layers of ``model``.
 
-    ``layers`` selects layers as in :func:`neurosens.capture.select_layers` (default: every
+    ``layers`` selects layers as in :func:`neurosens.layers.select_layers` (default: every
     conv/linear layer). ``metric`` is ``"l1"`` (the default: mean absolute difference of a neuron's
     map), ``"l2"`` or ``"cosine"``; ``relative=True`` divides ``l1``/``l2`` by the benign map's mean
     absolute value. Each layer's neuron dim is inferred from its module (an ``nn.Linear`` on
-    [N, T, C] tokens: the last dim; see :class:`~neurosens.capture.NeuronDims`); ``channel_dim``
+    [N, T, C] tokens: the last dim; see :class:`~neurosens.layers.NeuronDims`); ``channel_dim``
     (1 for [N, C, ...], -1 for [N, T, C], or a dict ``{layer name: dim}``) says it where the module
     does not. ``output_index`` picks the tensor from layers returning tuples. ``logits`` says where
     the model's output holds the logits (a key, an index or a callable; see

@@ -30,7 +30,8 @@ import math
 import torch
 import torch.distributed as dist
 
-from .capture import LayerHooks, NeuronDims, select_layers, unwrap
+from .capture import LayerHooks
+from .layers import NeuronDims, select_layers, unwrap
 from .checks import check_metric
 from .ops import neuron_distance, stabilize
 from .reference import METRICS
@@ -112,7 +113,7 @@ class SNSConfig:
 class SNSRegularizer:
     """The SNS term for any training loop (see the module docstring).
 
-    ``layers`` selects layers as :func:`neurosens.capture.select_layers` does; ``k`` is a count or a
+    ``layers`` selects layers as :func:`neurosens.layers.select_layers` does; ``k`` is a count or a
     fraction of each layer's neurons, or a ``{layer: k}`` dict; ``metric`` ("cosine", "l1", "l2") is
     the stabilizing distance and ``select_metric`` the sensitivity that ranks neurons; ``lam`` weighs
     the mean of the per-layer terms; ``refresh`` re-selects every that many calls of :meth:`loss`

@@ -2,7 +2,8 @@ import pytest
 import torch
 from torch import nn
 
-from neurosens.capture import ActivationCapture, LayerHooks, NeuronDims, capture_activations, output_tensor, select_layers
+from neurosens.capture import ActivationCapture, LayerHooks, capture_activations, output_tensor
+from neurosens.layers import NeuronDims, select_layers
 
 
 class Block(nn.Module):

@@ -6,7 +6,8 @@ from torch import nn
 from torchvision.models import VisionTransformer
 
 import neurosens as ns
-from neurosens.capture import ActivationCapture, select_layers
+from neurosens.capture import ActivationCapture
+from neurosens.layers import select_layers
 
 BLOCK = "encoder.layers.encoder_layer_{}"
 MLP_IN = BLOCK + ".mlp.0"

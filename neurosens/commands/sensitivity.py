@@ -6,7 +6,7 @@ HELP = "Measure per-neuron sensitivity of a trained model under attack; write re
 
 def add_arguments(parser):
     from ..attacks import ATTACKS, NORMS
-    from ..capture import AUTO_KINDS
+    from ..layers import AUTO_KINDS
     from ..models import MODELS
     from ..reference import METRICS
     from . import add_data, add_eps, add_layers, add_logits, add_model, add_samples, device, out_dir, positive, positive_int
