@@ -5,7 +5,7 @@
 #   BUDGET=full (default): the budget of scripts/train_models.sh (8 epochs of the 60,000 training
 #     images, eps ramped over 2), seeds 0 and 1, evaluated with clean, FGSM, PGD-40, CW-40 and AutoAttack.
 #   BUDGET=pilot: the budget of scripts/sns_ablation.sh (20,000 training images, 3 epochs, eps ramped
-#     over 1), seed 0, evaluated with clean, FGSM, PGD-40 and CW-40.
+#     over 1), seeds 0 and 1, evaluated with clean, FGSM, PGD-40 and CW-40.
 # Every evaluation uses the first 1,000 test images (PGD and CW: step 0.01, random start).
 # Usage: [BUDGET=full|pilot] [SEEDS="0 1"] [VARIANTS="pgd_at sns-all ..."] scripts/attribution.sh [RUNS_DIR]
 # then:  python scripts/results_table.py mnist RUNS_DIR pgd_at sns-all ...   (mean and half-range over seeds)
@@ -19,7 +19,7 @@ case ${BUDGET:-full} in
   full)  budget=(--epochs 8 --eps-warmup 2 --eval-steps 10 --eval-limit 500); attacks=clean,fgsm,pgd,cw,autoattack
          seeds=${SEEDS:-0 1} ;;
   pilot) budget=(--epochs 3 --eps-warmup 1 --train-limit 20000 --eval-limit 0); attacks=clean,fgsm,pgd,cw
-         seeds=${SEEDS:-0} ;;
+         seeds=${SEEDS:-0 1} ;;
   *) echo "BUDGET must be full or pilot" >&2; exit 2 ;;
 esac
 mkdir -p "$runs"
