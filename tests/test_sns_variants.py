@@ -5,6 +5,8 @@ import pytest
 import torch
 from torch import nn
 
+from neurosens.checkpoint import load_checkpoint
+from neurosens.cli import main
 from neurosens.models import build_model
 from neurosens.sns import SNSRegularizer
 from neurosens.training import Trainer, TrainConfig
@@ -96,6 +98,7 @@ def test_random_selection_draws_k_seeded_neurons_each_refresh():
     assert any(not torch.equal(topk.selections[n], reg.selections[n]) for n in sizes)
 
 
+@pytest.mark.slow
 def test_random_selection_is_the_same_for_a_seed_and_across_a_resume(tmp_path):
     train, test = digits8(256)
     cfg = TrainConfig(method="sns", epochs=3, batch_size=64, optimizer="sgd", lr=0.05, eps=0.1, steps=3, eval_steps=3,
@@ -137,3 +140,19 @@ def test_all_neurons_is_the_mean_over_every_neuron_with_its_gradient():
 def test_unknown_selection_fails():
     with pytest.raises(ValueError, match="select='best'"):
         SNSRegularizer(mnist_cnn(), select="best")
+
+
+def test_the_train_command_keeps_a_preset_whole_and_checkpoints_the_random_draws(tmp_path):
+    out = tmp_path / "run"
+    main(["train", "--data", "synthetic-mnist", "--train-limit", "128", "--epochs", "1", "--batch-size", "64", "--steps", "1",
+          "--eps", "0.1", "--eval-limit", "0", "--method", "sns", "--sns-layers", "hidden", "--sns-select", "random",
+          "--sns-k", "2", "--sns-seed", "9", "--threads", "1", "--no-progress", "--out", str(out)])
+    state = load_checkpoint(out / "checkpoint.pt")
+    assert state["config"]["sns_layers"] == "hidden"
+    gen = torch.Generator().manual_seed(9)
+    for _ in range(2):  # two batches, a draw per layer each
+        expected = {name: torch.randperm(c, generator=gen)[:2].sort().values
+                    for name, c in {"conv1": 16, "conv2": 32, "fc1": 128}.items()}
+    assert set(state["loss_state"]["selections"]) == set(expected)
+    for name, idx in expected.items():
+        assert torch.equal(state["loss_state"]["selections"][name], idx), name
