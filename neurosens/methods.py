@@ -1,4 +1,5 @@
-"""Training methods: standard, PGD-AT (Madry et al.), TRADES and SNS, each a loss function::
+"""Training methods: standard, PGD-AT (Madry et al.), TRADES, adversarial logit pairing and SNS,
+each a loss function::
 
     loss_fn(model, x, y, attack) -> (loss, logs)
 
@@ -64,6 +65,32 @@ def trades_loss(beta=6.0):
     return loss_fn
 
 
+#: Distances of adversarial logit pairing between a benign and an adversarial logit vector.
+ALP_DISTANCES = ("l1", "l2")
+
+
+def alp_loss(lam=1.0, distance="l2"):
+    """Adversarial logit pairing (after Kannan et al.): CE(f(x'), y) + lam * d(f(x), f(x')) on the
+    PGD batch x', with no hidden-layer term; d is the mean over the batch of the mean absolute logit
+    difference ("l1", the SNS L1 term on the logits layer with every neuron) or of the Euclidean
+    distance between the logit vectors ("l2"). Both inputs go through one forward of [x; x'], as in SNS."""
+    if distance not in ALP_DISTANCES:
+        raise ValueError(f"distance={distance!r} is unknown; expected one of {', '.join(ALP_DISTANCES)}")
+    if not lam >= 0:
+        raise ValueError(f"lam={lam!r}: the pairing weight must be >= 0")
+
+    def loss_fn(model, x, y, attack):
+        x_adv = attack(x, y)
+        logits, logits_adv = model(torch.cat([x, x_adv])).chunk(2)
+        diff = logits - logits_adv
+        pair = (diff.abs().mean(1) if distance == "l1" else torch.linalg.vector_norm(diff, dim=1)).mean()
+        ce = F.cross_entropy(logits_adv, y)
+        return ce + lam * pair, {"acc": accuracy(logits, y), "adv_acc": accuracy(logits_adv, y), "ce": ce.detach(),
+                                 "pair": pair.detach()}
+
+    return loss_fn
+
+
 class SNSLoss:
     """SNS training: the adversarial cross-entropy plus ``lam`` times the stabilizing term of the
     top-k most sensitive neurons of the chosen layers (see :class:`~neurosens.sns.SNSRegularizer`),
@@ -121,6 +148,7 @@ METHODS = {
     "standard": lambda **options: standard_loss,
     "pgd_at": lambda **options: pgd_at_loss,
     "trades": lambda beta=6.0, **options: trades_loss(beta),
+    "alp": lambda alp_lam=1.0, alp_distance="l2", **options: alp_loss(alp_lam, alp_distance),
     "sns": lambda model, sns=None, **options: SNSLoss(model, sns),
 }
 

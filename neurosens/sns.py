@@ -26,13 +26,14 @@ every rank stabilizes the same neurons.
 import contextlib
 import dataclasses
 import math
+from collections import OrderedDict
 
 import torch
 import torch.distributed as dist
 
 from .capture import LayerHooks
-from .layers import NeuronDims, select_layers, unwrap
 from .checks import check_metric
+from .layers import NeuronDims, select_layers, unwrap
 from .ops import neuron_distance, stabilize
 from .reference import METRICS
 from .selection import resolve_k, topk
@@ -42,6 +43,10 @@ from .selection import resolve_k, topk
 ADV_EXAMPLES = ("all", "correct")
 #: How SNS training runs the benign and adversarial batches: one forward of [x; x_adv], or two.
 FORWARDS = ("joint", "separate")
+#: Which neurons of each layer SNS stabilizes: the k most sensitive on the batch, k drawn at random, or all.
+SELECTIONS = ("topk", "random", "all")
+#: Named sets of layers (see :func:`sns_layers`); "auto" is "all".
+LAYER_PRESETS = ("auto", "all", "hidden", "logits")
 
 
 def _option(default, help, cli_type=None, choices=None, part="regularizer"):
@@ -69,13 +74,17 @@ class SNSConfig:
     ``adv_examples`` and ``forward`` belong to the loss, the others to the regularizer;
     ``refresh="epoch"`` is for training runs, which turn it into their batches per epoch."""
 
-    layers: object = _option("auto", "comma-separated layer names or patterns to stabilize, or auto: every conv/linear")
+    layers: object = _option("auto", "layers to stabilize: all (or auto): every conv/linear; hidden: all but the last, "
+                                     "which gives the logits; logits: that last one; or comma-separated names or patterns")
     k: object = _option(0.3, "neurons per layer: a count (8) or a fraction (0.1)", _count_or_fraction)
     lam: float = _option(1.0, "weight of the stabilizing term", float)
     metric: str = _option("l1", "stabilizing distance", choices=METRICS)
     select_metric: str = _option("l1", "sensitivity that ranks the neurons", choices=METRICS)
     refresh: object = _option(1, "re-select the neurons every N batches, or every epoch", _batches_or_epoch)
     detach_benign: bool = _option(False, "pull only the adversarial outputs", bool)
+    select: str = _option("topk", "neurons of each layer: topk, the k most sensitive on the batch; random, k drawn "
+                                  "from a seeded generator at each refresh; all, every neuron (k is ignored)", choices=SELECTIONS)
+    seed: int = _option(0, "seed of the random selection", int)
     clean_weight: float = _option(0.0, "weight of the clean cross-entropy", float, part="loss")
     adv_examples: str = _option("all", "examples in the adversarial cross-entropy: all, or those right on the benign input",
                                 choices=ADV_EXAMPLES, part="loss")
@@ -101,6 +110,10 @@ class SNSConfig:
             raise ValueError(f"{where}: {prefix}clean_weight={self.clean_weight!r} must be >= 0")
         if self.adv_examples not in ADV_EXAMPLES:
             raise ValueError(f"{where}: {prefix}adv_examples={self.adv_examples!r} is unknown; expected one of {', '.join(ADV_EXAMPLES)}")
+        if self.select not in SELECTIONS:
+            raise ValueError(f"{where}: {prefix}select={self.select!r} is unknown; expected one of {', '.join(SELECTIONS)}")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
+            raise ValueError(f"{where}: {prefix}seed={self.seed!r} must be an int")
         if self.forward not in FORWARDS:
             raise ValueError(f"{where}: {prefix}forward={self.forward!r} is unknown; expected one of {', '.join(FORWARDS)}")
         return self
@@ -110,11 +123,32 @@ class SNSConfig:
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.metadata["part"] == part}
 
 
+def sns_layers(model, layers="auto", auto="conv_linear"):
+    """The ordered ``{name: module}`` SNS regularizes. ``layers`` is a preset of
+    :data:`LAYER_PRESETS`, over the layers of kind ``auto`` (every conv/linear by default): "all"
+    (or "auto") all of them, "logits" the last one in the model's module order, which gives the
+    logits in the models of :mod:`neurosens.models`, "hidden" the others; or anything
+    :func:`neurosens.layers.select_layers` takes."""
+    if not (isinstance(layers, str) and layers in LAYER_PRESETS):
+        return select_layers(model, layers, auto)
+    every = select_layers(model, "auto", auto)
+    last = next(reversed(every))
+    if layers == "logits":
+        return OrderedDict([(last, every.pop(last))])
+    if layers == "hidden":
+        every.pop(last)
+        if not every:
+            raise ValueError(f"layers='hidden': {type(unwrap(model)).__name__} has no {auto} layer before {last!r}, the last one")
+    return every
+
+
 class SNSRegularizer:
     """The SNS term for any training loop (see the module docstring).
 
-    ``layers`` selects layers as :func:`neurosens.layers.select_layers` does; ``k`` is a count or a
-    fraction of each layer's neurons, or a ``{layer: k}`` dict; ``metric`` ("cosine", "l1", "l2") is
+    ``layers`` selects layers as :func:`sns_layers` does; ``k`` is a count or a fraction of each
+    layer's neurons, or a ``{layer: k}`` dict; ``select`` picks the neurons: the k most sensitive by
+    ``select_metric`` ("topk"), k drawn uniformly by a generator seeded with ``seed`` ("random", the
+    control for the selection), or every neuron ("all", k ignored); ``metric`` ("cosine", "l1", "l2") is
     the stabilizing distance and ``select_metric`` the sensitivity that ranks neurons; ``lam`` weighs
     the mean of the per-layer terms; ``refresh`` re-selects every that many calls of :meth:`loss`
     (in between the last selection is kept); ``detach_benign`` pulls only the adversarial side,
@@ -126,10 +160,11 @@ class SNSRegularizer:
 
     def __init__(self, model, layers=SNSConfig.layers, k=SNSConfig.k, lam=SNSConfig.lam, metric=SNSConfig.metric,
                  select_metric=SNSConfig.select_metric, refresh=SNSConfig.refresh, detach_benign=SNSConfig.detach_benign,
-                 channel_dim=None, auto="conv_linear", output_index=None):
+                 select=SNSConfig.select, seed=SNSConfig.seed, channel_dim=None, auto="conv_linear", output_index=None):
         self.root = unwrap(model)
-        self.modules = select_layers(self.root, layers, auto)
-        SNSConfig(layers, k, lam, metric, select_metric, refresh, detach_benign).check()
+        self.modules = sns_layers(self.root, layers, auto)
+        SNSConfig(layers=layers, k=k, lam=lam, metric=metric, select_metric=select_metric, refresh=refresh,
+                  detach_benign=detach_benign, select=select, seed=seed).check()
         self.neuron_dims = NeuronDims(model, self.modules, channel_dim, "SNS")
         ks = k if isinstance(k, dict) else {name: k for name in self.modules}
         unknown = sorted(set(ks) - set(self.modules))
@@ -145,6 +180,9 @@ class SNSRegularizer:
         self.metric, self.select_metric = metric, select_metric
         self.refresh = refresh
         self.detach_benign = detach_benign
+        self.select = select
+        # On the CPU and seeded alike on every rank, so all ranks draw the same neurons.
+        self.generator = torch.Generator().manual_seed(seed)
         self.output_index = output_index
         self.selections = {}  # layer -> indices of the neurons stabilized last
         self._outputs = {name: [] for name in self.modules}  # layer -> [(output, its version when captured)]
@@ -198,6 +236,11 @@ class SNSRegularizer:
         )
 
     def _select(self, a, b, k, cdim, distributed):
+        count = a.shape[cdim]
+        if self.select == "all":
+            return torch.arange(count, device=a.device)
+        if self.select == "random":
+            return torch.randperm(count, generator=self.generator)[:k].sort().values.to(a.device)
         stat = neuron_distance(a, b, self.select_metric, cdim).sum
         if distributed:
             dist.all_reduce(stat)
@@ -214,7 +257,7 @@ class SNSRegularizer:
             if self.detach_benign:
                 a = a.detach()
             k = resolve_k(self.k[name], a.shape[cdim], f"SNS layer {name!r}")
-            if select_now and not distributed:
+            if select_now and self.select == "topk" and not distributed:
                 # One pass: the fused op selects and stabilizes together.
                 term, self.selections[name] = stabilize(
                     a, b, k=k, metric=self.metric, select_metric=self.select_metric, channel_dim=cdim, return_indices=True
@@ -230,9 +273,10 @@ class SNSRegularizer:
         return self.lam * torch.stack(terms).mean()
 
     def state_dict(self):
-        """The selection state (current neurons and call count), so a resumed run re-selects on
-        the same batches."""
-        return {"calls": self._calls, "selections": {name: idx.detach().cpu() for name, idx in self.selections.items()}}
+        """The selection state (current neurons, call count and the random selection's generator),
+        so a resumed run re-selects on the same batches and draws the same neurons."""
+        return {"calls": self._calls, "selections": {name: idx.detach().cpu() for name, idx in self.selections.items()},
+                "generator": self.generator.get_state()}
 
     def load_state_dict(self, state):
         unknown = sorted(set(state["selections"]) - set(self.modules))
@@ -241,3 +285,5 @@ class SNSRegularizer:
         device = next((p.device for m in self.modules.values() for p in m.parameters()), torch.device("cpu"))
         self._calls = int(state["calls"])
         self.selections = {name: idx.to(device) for name, idx in state["selections"].items()}
+        if "generator" in state:  # absent from states saved before the random selection existed
+            self.generator.set_state(state["generator"])

@@ -30,7 +30,7 @@ from .checkpoint import load_checkpoint, remove_stale_temporaries, rng_state, sa
 from .data import make_loader
 from .env import default_device
 from .evaluation import evaluate
-from .methods import METHODS, make_loss
+from .methods import ALP_DISTANCES, METHODS, make_loss
 from .outputs import check_logits
 from .sns import SNSConfig
 
@@ -45,11 +45,13 @@ class TrainConfig:
     ``steps`` set the training PGD (``alpha`` defaults to 2.5 * eps / steps); ``eps_warmup`` ramps
     eps linearly from 0 over that many epochs; ``milestones`` (fractions of the run) and ``gamma``
     shape the step schedule; ``eval_*`` set the per-epoch PGD evaluation on the first ``eval_limit``
-    test images. ``sns_<name>`` is the option ``<name>`` of :class:`~neurosens.sns.SNSConfig`
-    (``sns_layers``: a list of names or patterns, or "auto"; ``sns_refresh``: batches between
-    selections, or "epoch"). ``logits`` says where a model's output holds the logits, as a key or an
-    index (:mod:`neurosens.outputs`; a callable does not fit in the run's JSON config: give it to
-    the attack of a ``loss_fn`` of your own)."""
+    test images. ``beta`` weighs TRADES; ``alp_lam`` and ``alp_distance`` set adversarial logit
+    pairing. ``sns_<name>`` is the option ``<name>`` of :class:`~neurosens.sns.SNSConfig`
+    (``sns_layers``: a list of names or patterns, or a preset of
+    :data:`~neurosens.sns.LAYER_PRESETS`; ``sns_refresh``: batches between selections, or "epoch").
+    ``logits`` says where a model's output holds the logits, as a key or an index
+    (:mod:`neurosens.outputs`; a callable does not fit in the run's JSON config: give it to the
+    attack of a ``loss_fn`` of your own)."""
 
     method: str = "standard"
     epochs: int = 10
@@ -67,6 +69,8 @@ class TrainConfig:
     norm: str = "linf"
     eps_warmup: float = 0.0
     beta: float = 6.0
+    alp_lam: float = 1.0
+    alp_distance: str = "l2"
     sns_layers: object = SNSConfig.layers
     sns_k: float = SNSConfig.k
     sns_lam: float = SNSConfig.lam
@@ -77,6 +81,8 @@ class TrainConfig:
     sns_refresh: object = SNSConfig.refresh
     sns_detach_benign: bool = SNSConfig.detach_benign
     sns_forward: str = SNSConfig.forward
+    sns_select: str = SNSConfig.select
+    sns_seed: int = SNSConfig.seed
     eval_steps: int = 20
     eval_alpha: float = None
     eval_limit: int = 1000
@@ -107,9 +113,11 @@ class TrainConfig:
         for name in ("lr", "gamma"):
             if not math.isfinite(getattr(self, name)) or getattr(self, name) <= 0:
                 raise ValueError(f"{name}={getattr(self, name)!r}: must be a finite number > 0")
-        for name in ("eps", "eps_warmup", "momentum", "weight_decay", "beta"):
+        for name in ("eps", "eps_warmup", "momentum", "weight_decay", "beta", "alp_lam"):
             if not math.isfinite(getattr(self, name)) or getattr(self, name) < 0:
                 raise ValueError(f"{name}={getattr(self, name)!r}: must be a finite number >= 0")
+        if self.alp_distance not in ALP_DISTANCES:
+            raise ValueError(f"alp_distance={self.alp_distance!r} is unknown; expected one of {', '.join(ALP_DISTANCES)}")
         if self.eval_limit < 0:
             raise ValueError(f"eval_limit={self.eval_limit!r}: must be >= 0")
         self.milestones = tuple(float(m) for m in self.milestones)
@@ -200,7 +208,8 @@ class Trainer:
             if self.distributed else self.model
         self.steps_per_epoch = math.ceil(math.ceil(len(train_set) / self.world) / (cfg.batch_size // self.world))
         # Built before any training, so bad method options (an unknown layer, k too large) fail first.
-        self.loss_fn = loss_fn or make_loss(cfg.method, beta=cfg.beta, model=self.model,
+        self.loss_fn = loss_fn or make_loss(cfg.method, beta=cfg.beta, alp_lam=cfg.alp_lam, alp_distance=cfg.alp_distance,
+                                            model=self.model,
                                             sns=cfg.sns_config(self.steps_per_epoch))
         self.attack = PGD(self.model, cfg.eps, cfg.alpha, cfg.steps, cfg.norm, logits=cfg.logits)
         self._alpha = self.attack.alpha

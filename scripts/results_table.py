@@ -1,7 +1,8 @@
-"""Markdown table of the runs of scripts/train_models.sh: accuracy per attack as the mean over seeds
-with the spread (half the range) when there are several, epochs and times per run.
+"""Markdown table of the runs of scripts/train_models.sh (or of scripts/attribution.sh, naming its
+variants): accuracy per attack as the mean over seeds with the spread (half the range) when there
+are several, epochs and times per run.
 
-Usage: python scripts/results_table.py mnist|fashion-mnist [RUNS_DIR]
+Usage: python scripts/results_table.py mnist|fashion-mnist [RUNS_DIR [METHOD ...]]
 """
 import json
 import sys
@@ -21,7 +22,7 @@ def main():
     data = sys.argv[1]
     runs = Path(sys.argv[2] if len(sys.argv) > 2 else "runs")
     columns, rows = None, []
-    for method in METHODS:
+    for method in sys.argv[3:] or METHODS:
         evaluated = sorted(p for p in runs.glob(f"{data}-{method}-s*") if (p / "eval.json").is_file())
         if not evaluated:
             continue

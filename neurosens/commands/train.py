@@ -1,14 +1,14 @@
-"""`neurosens train`: train a model with the standard, PGD-AT, TRADES or SNS method."""
+"""`neurosens train`: train a model with the standard, PGD-AT, TRADES, ALP or SNS method."""
 import dataclasses
 import json
 
-HELP = "Train a model (standard, PGD-AT, TRADES or SNS) with per-epoch clean/PGD evaluation and resumable checkpoints."
+HELP = "Train a model (standard, PGD-AT, TRADES, adversarial logit pairing or SNS) with per-epoch clean/PGD evaluation and resumable checkpoints."
 
 
 def add_arguments(parser):
     from ..data import DATASETS
     from ..models import MODELS
-    from ..methods import METHODS
+    from ..methods import ALP_DISTANCES, METHODS
     from ..sns import SNSConfig
     from ..training import TrainConfig
     from . import add_eps, add_root, count_or_zero, device, fraction, non_negative, out_dir, positive, positive_int
@@ -27,6 +27,10 @@ def add_arguments(parser):
     parser.add_argument("--norm", default=d.norm, choices=["linf", "l2"], help="attack norm (default: linf)")
     parser.add_argument("--eps-warmup", type=non_negative, default=d.eps_warmup, help="epochs over which eps ramps up from 0 (default: 0)")
     parser.add_argument("--beta", type=non_negative, default=d.beta, help=f"TRADES weight (default: {d.beta})")
+    parser.add_argument("--alp-lam", type=non_negative, default=d.alp_lam,
+                        help=f"adversarial logit pairing: weight of the logit distance (default: {d.alp_lam})")
+    parser.add_argument("--alp-distance", default=d.alp_distance, choices=ALP_DISTANCES,
+                        help=f"adversarial logit pairing: distance between benign and adversarial logits (default: {d.alp_distance})")
     sns = parser.add_argument_group("SNS (--method sns)")
     for field in dataclasses.fields(SNSConfig):
         flag, meta = "--sns-" + field.name.replace("_", "-"), field.metadata
@@ -82,6 +86,7 @@ def run(args):
 
     from .. import data as datasets
     from ..models import build_model
+    from ..sns import LAYER_PRESETS
     from ..training import Trainer, TrainConfig, init_distributed, seed_everything
 
     if args.threads:
@@ -89,7 +94,7 @@ def run(args):
     rank, _ = init_distributed()
     # Every option of a run is the flag of the same name, except these spellings of the command line.
     given = vars(args) | {"milestones": tuple(args.milestones), "num_workers": args.workers, "progress": not args.no_progress,
-                          "sns_layers": args.sns_layers if args.sns_layers == "auto" else args.sns_layers.split(",")}
+                          "sns_layers": args.sns_layers if args.sns_layers in LAYER_PRESETS else args.sns_layers.split(",")}
     config = TrainConfig(**{f.name: given[f.name] for f in dataclasses.fields(TrainConfig) if f.name in given})
     train_set = datasets.load(args.data, train=True, root=args.root)
     test_set = datasets.load(args.data, train=False, root=args.root)
