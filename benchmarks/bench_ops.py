@@ -4,7 +4,8 @@ For each activation shape (CIFAR ResNet-18 and MNIST CNN layers at batch 128) it
   * neuron_topk (forward): one pass over a and b, then top-k of the per-neuron means;
   * stabilize forward + backward: the SNS loss (l1) and both input gradients;
 and the floor: reading a and b once (a.sum(); b.sum()) for the forward, plus reading them again
-and writing two gradients for the forward + backward. The baselines are written here, as one
+and writing two gradients for the forward + backward. The fixed cost of a call (argument checks,
+dispatch, allocations) is timed on a tiny input. The baselines are written here, as one
 would by hand: one pass of per-sample, per-neuron distances, from which the top-k is selected
 and (for stabilize) the loss taken, so nothing is computed twice. "compiled" is torch.compile of
 that same code, built afresh for each shape with static shapes (dynamic=False), so every shape
@@ -35,6 +36,8 @@ from neurosens import ops
 
 SHAPES = [(128, 64, 32, 32), (128, 256, 8, 8), (128, 512, 4, 4), (128, 200)]
 LARGE_SHAPES = [(256, 256, 56, 56)]
+# Small enough that a call costs only what every call costs (checks, dispatch, allocation).
+TINY_SHAPE = (2, 8)
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -126,6 +129,21 @@ def stabilize_variants(a, b, k):
 
     return {"floor": floor, "fused": backward_of(lambda x, y, k: ops.stabilize(x, y, k=k)),
             "eager": backward_of(eager_stabilize), "compiled": backward_of(compiled_loss)}
+
+
+def fixed_costs(device, repeats, calls=200):
+    """Microseconds per call of each op on a TINY_SHAPE input: the fixed part of its cost."""
+    a, b = make_inputs(TINY_SHAPE, torch.float32, device)
+    xa, xb = a.clone().requires_grad_(), b.clone().requires_grad_()
+
+    def forward_backward():
+        ops.stabilize(xa, xb, k=1).backward()
+        xa.grad = xb.grad = None
+
+    fns = {"neuron_topk": lambda: ops.neuron_topk(a, b, 1), "neuron_distance": lambda: ops.neuron_distance(a, b),
+           "stabilize": lambda: ops.stabilize(a, b, k=1), "stabilize fwd+bwd": forward_backward}
+    loops = {name: (lambda fn=fn: [fn() for _ in range(calls)]) for name, fn in fns.items()}
+    return {name: t / calls * 1e6 for name, t in timed_interleaved(loops, device, repeats).items()}
 
 
 def check_baselines(a, b, k):
@@ -259,6 +277,8 @@ def main():
 
     copy_bw = copy_bandwidth(device, args.repeats)
     print(f"copy bandwidth {copy_bw / 1e9:.1f} GB/s", flush=True)
+    fixed = fixed_costs(device, args.repeats)
+    print("fixed cost per call (us): " + ", ".join(f"{name} {us:.1f}" for name, us in fixed.items()), flush=True)
     rows = []
     for shape in SHAPES + (LARGE_SHAPES if args.large else []):
         a, b = make_inputs(shape, dtype, device, args.memory_format)
@@ -284,7 +304,8 @@ def main():
                   f"eager {times['eager']*1e3:8.2f} ms  compiled {times['compiled']*1e3:8.2f} ms", flush=True)
 
     env = environment(device) | {"dtype": args.dtype, "repeats": args.repeats, "copy_bandwidth_gb_s": copy_bw / 1e9,
-                                 "keep_freed_memory": args.keep_freed_memory}
+                                 "keep_freed_memory": args.keep_freed_memory, "fixed_cost_us": fixed,
+                                 "fixed_cost_shape": list(TINY_SHAPE)}
     os.makedirs(args.out, exist_ok=True)
     stem = os.path.join(args.out, f"ops_{device.type}_{args.dtype}" + ("_kept" if args.keep_freed_memory else "")
                         + ("_channels_last" if args.memory_format == "channels_last" else "")
@@ -294,7 +315,9 @@ def main():
     table = markdown(rows)
     with open(stem + ".md", "w") as f:
         f.write(f"{header(env)}\n\n{args.dtype}" + (", freed memory kept" if args.keep_freed_memory else "")
-                + f"; median of {args.repeats} interleaved runs; copy bandwidth {copy_bw / 1e9:.1f} GB/s\n\n{table}")
+                + f"; median of {args.repeats} interleaved runs; copy bandwidth {copy_bw / 1e9:.1f} GB/s\n\n{table}\n"
+                + f"Fixed cost of a call (input {list(TINY_SHAPE)}), us: "
+                + ", ".join(f"{name} {us:.1f}" for name, us in fixed.items()) + "\n")
     print(table)
 
 

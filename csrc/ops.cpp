@@ -1,29 +1,19 @@
 // The public ops, written once for every device over the two per-backend kernels
 // (_pair_stats, _stabilize_grad). Everything here works on [N, C]-sized tensors only: the
-// activations themselves are read by the kernels and nowhere else.
+// activations themselves are read by the kernels and nowhere else. The CPU has its own
+// neuron_distance(_per_sample) and neuron_topk (cpu/), which turn statistics into distances as
+// they are summed: at the late layers' sizes the ATen ops here would cost more than the pass.
 #include <ATen/ATen.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/library.h>
 
-#include <sstream>
-
+#include "common/entry.h"
 #include "common/metric.h"
 #include "common/pair_layout.h"
 #include "common/pair_math.h"
 
 namespace neurosens {
 namespace {
-
-// The statistics a metric is computed from.
-int stats_for(Metric metric, bool relative = false) {
-  int bits = relative ? stat_bit(kAbsA) : 0;
-  switch (metric) {
-    case Metric::L1: return bits | stat_bit(kAbsDiff);
-    case Metric::L2: return bits | stat_bit(kSqDiff);
-    case Metric::Cosine: return bits | stat_bit(kDot) | stat_bit(kSqA) | stat_bit(kSqB);
-  }
-  return kAllStats;
-}
 
 at::Tensor pair_stats(const at::Tensor& a, const at::Tensor& b, int64_t channel_dim, int64_t stats) {
   static auto op = c10::Dispatcher::singleton()
@@ -60,7 +50,8 @@ at::Tensor distances_from_stats(const at::Tensor& stats, Metric metric, int64_t 
     case Metric::Cosine: {
       const at::Tensor sq_a = stat(stats, kSqA), sq_b = stat(stats, kSqB);
       const at::Tensor cos = stat(stats, kDot) / (sq_a.sqrt() * sq_b.sqrt()).clamp_min(kCosineEps);
-      dist = at::where(sq_a.eq(0).logical_and(sq_b.eq(0)), at::zeros_like(cos), 1.0 - cos);
+      const at::Tensor zero = stat(stats, kAbsA).eq(0).logical_and(stat(stats, kAbsDiff).eq(0));
+      dist = at::where(zero, at::zeros_like(cos), 1.0 - cos);
       break;
     }
   }
@@ -70,9 +61,7 @@ at::Tensor distances_from_stats(const at::Tensor& stats, Metric metric, int64_t 
 
 at::Tensor per_sample_impl(const at::Tensor& a, const at::Tensor& b, const std::string& metric, int64_t channel_dim,
                            bool relative, const char* op) {
-  const Metric m = parse_metric(metric, op, "metric");
-  TORCH_CHECK_VALUE(!(relative && m == Metric::Cosine), op,
-                    ": relative=True is not defined for metric='cosine' (the cosine is already scale-free)");
+  const Metric m = parse_distance_metric(metric, relative, op);
   const int64_t cdim = check_pair(a, b, channel_dim, op);
   return distances_from_stats(pair_stats(a, b, cdim, stats_for(m, relative)), m, map_size(a, cdim), relative);
 }
@@ -92,23 +81,6 @@ at::Tensor neuron_distance(const at::Tensor& a, const at::Tensor& b, c10::string
 std::tuple<at::Tensor, at::Tensor> topk_lower_index_first(const at::Tensor& values, int64_t k, bool largest) {
   auto [sorted, order] = at::sort(values, /*stable=*/true, /*dim=*/0, /*descending=*/largest);
   return {sorted.slice(0, 0, k), order.slice(0, 0, k)};
-}
-
-// Indices must lie in [0, C). On a GPU the check runs on the device (an asynchronous assert) so
-// that a training step neither waits for the GPU nor breaks CUDA-graph capture.
-void check_indices_range(const at::Tensor& idx, int64_t C, const at::Tensor& a, const char* op) {
-  if (idx.device().is_cpu()) {
-    check_indices_range(idx, C, a, op);
-    return;
-  }
-  std::ostringstream msg;
-  msg << op << ": indices must lie in [0, " << C << ") for activations of shape " << shape_str(a);
-  at::_assert_async(idx.ge(0).logical_and(idx.lt(C)).all(), msg.str());
-}
-
-void check_k(int64_t k, int64_t C, const at::Tensor& a, const char* op) {
-  TORCH_CHECK_VALUE(k >= 1 && k <= C, op, ": k=", k, " is out of range: activations of shape ", shape_str(a),
-                    " have ", C, " neurons, so k must be in [1, ", C, "]");
 }
 
 std::tuple<at::Tensor, at::Tensor> neuron_topk(const at::Tensor& a, const at::Tensor& b, int64_t k,

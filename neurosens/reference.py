@@ -41,7 +41,9 @@ def neuron_distance_per_sample(a, b, metric="l1", channel_dim=1, relative=False)
     elif metric == "cosine":
         na, nb = torch.linalg.vector_norm(A, dim=-1), torch.linalg.vector_norm(B, dim=-1)
         cos = (A * B).sum(-1) / (na * nb).clamp_min(COSINE_EPS)
-        dist = torch.where((na == 0) & (nb == 0), torch.zeros_like(cos), 1 - cos)
+        # Exact zeros, not zero norms: the squares of maps below ~1e-22 underflow in float32.
+        both_zero = ((A == 0) & (B == 0)).all(-1)
+        dist = torch.where(both_zero, torch.zeros_like(cos), 1 - cos)
     else:
         raise ValueError(f"unknown metric {metric!r}; expected one of {METRICS}")
     if relative:

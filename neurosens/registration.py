@@ -45,9 +45,14 @@ def register():
         _, indices, stats = output
         ctx.save_for_backward(a, b, indices, stats)
         ctx.mark_non_differentiable(indices, stats)
+        # The gradients of indices and stats are never used: left undefined, autograd does not fill
+        # an [N, C, 6] tensor of zeros for them at every backward.
+        ctx.set_materialize_grads(False)
         ctx.metric, ctx.channel_dim = metric, channel_dim
 
     def backward(ctx, grad_loss, _grad_indices, _grad_stats):
+        if grad_loss is None:
+            return None, None, None, None, None, None, None
         a, b, indices, stats = ctx.saved_tensors
         grad_a, grad_b = torch.ops.neurosens._stabilize_backward(grad_loss, a, b, indices, stats, ctx.metric, ctx.channel_dim)
         need_a, need_b = ctx.needs_input_grad[:2]

@@ -13,6 +13,30 @@
 
 namespace neurosens {
 
+// The statistics a metric is computed from.
+inline int stats_for(Metric metric, bool relative = false) {
+  int bits = relative ? stat_bit(kAbsA) : 0;
+  switch (metric) {
+    case Metric::L1: return bits | stat_bit(kAbsDiff);
+    case Metric::L2: return bits | stat_bit(kSqDiff);
+    case Metric::Cosine: return bits | kCosineStats;
+  }
+  return kAllStats;
+}
+
+// The metric of a distance op; relative distances divide by the benign map's mean |a|.
+inline Metric parse_distance_metric(const std::string& metric, bool relative, const char* op) {
+  const Metric m = parse_metric(metric, op, "metric");
+  TORCH_CHECK_VALUE(!(relative && m == Metric::Cosine), op,
+                    ": relative=True is not defined for metric='cosine' (the cosine is already scale-free)");
+  return m;
+}
+
+inline void check_k(int64_t k, int64_t C, const at::Tensor& a, const char* op) {
+  TORCH_CHECK_VALUE(k >= 1 && k <= C, op, ": k=", k, " is out of range: activations of shape ", shape_str(a),
+                    " have ", C, " neurons, so k must be in [1, ", C, "]");
+}
+
 // The dtype sums are kept in: float32 for float16/bfloat16/float32 inputs, float64 for float64
 // (at::opmath_type<scalar_t> inside the kernels).
 inline at::ScalarType accumulation_dtype(const at::Tensor& a) { return at::toOpMathType(a.scalar_type()); }

@@ -39,6 +39,16 @@ constexpr int stat_bit(Stat s) { return 1 << s; }
 constexpr bool has_stat(int mask, int s) { return (mask & stat_bit(static_cast<Stat>(s))) != 0; }
 constexpr int kAllStats = (1 << kNumStats) - 1;
 
+// The cosine also sums |a| and |a - b|: squares of maps below ~1e-22 (float32) underflow to zero,
+// these sums do not, so they alone tell two all-zero maps from a zero and a tiny one.
+constexpr int kCosineStats = stat_bit(kDot) | stat_bit(kSqA) | stat_bit(kSqB) | stat_bit(kAbsA) | stat_bit(kAbsDiff);
+
+// Both maps of a (sample, neuron) are exactly zero (their cosine distance is 0), from kCosineStats.
+template <typename acc_t>
+C10_HOST_DEVICE inline bool both_maps_zero(const acc_t* st) {
+  return st[kAbsA] == acc_t(0) && st[kAbsDiff] == acc_t(0);
+}
+
 template <int kMask, typename acc_t>
 C10_HOST_DEVICE inline void accumulate_pair(acc_t x, acc_t y, acc_t& abs_diff, acc_t& sq_diff, acc_t& dot,
                                             acc_t& sq_a, acc_t& sq_b, acc_t& abs_a) {
@@ -83,6 +93,33 @@ struct BlockedSums {
   C10_HOST_DEVICE void finish() { flush_sums<kMask, acc_t>(part, total); }
 };
 
+// x, or `floor` when x is below it; NaN stays NaN (as at::clamp_min).
+template <typename acc_t>
+C10_HOST_DEVICE inline acc_t at_least(acc_t x, acc_t floor) {
+  return x < floor ? floor : x;
+}
+
+// The distance of one (sample, neuron) from its statistics, for a map of D elements (relative:
+// divided by the map's mean |a|). ops.cpp computes the same over whole tensors.
+template <typename acc_t>
+C10_HOST_DEVICE inline acc_t distance_from_stats(Metric metric, const acc_t* st, acc_t D, bool relative) {
+  acc_t dist = acc_t(0);
+  switch (metric) {
+    case Metric::L1:
+      dist = st[kAbsDiff] / D;
+      break;
+    case Metric::L2:
+      dist = std::sqrt(st[kSqDiff]) / D;
+      break;
+    case Metric::Cosine: {
+      const acc_t cos = st[kDot] / at_least(std::sqrt(st[kSqA]) * std::sqrt(st[kSqB]), static_cast<acc_t>(kCosineEps));
+      dist = both_maps_zero(st) ? acc_t(0) : acc_t(1) - cos;
+      break;
+    }
+  }
+  return relative ? dist / at_least(st[kAbsA] / D, static_cast<acc_t>(kRelativeEps)) : dist;
+}
+
 // k * v, and exactly zero when k is: a neuron outside the selection (all coefficients zero) gets a
 // zero gradient even where its maps hold inf or NaN, and the l1 gradient of an infinite map is
 // its sign rather than 0 * inf.
@@ -122,8 +159,8 @@ C10_HOST_DEVICE inline void grad_coefficients(Metric metric, const acc_t* st, ac
       break;
     }
     case Metric::Cosine: {
+      if (both_maps_zero(st)) break;
       const acc_t sq_a = st[kSqA], sq_b = st[kSqB];
-      if (sq_a == acc_t(0) && sq_b == acc_t(0)) break;
       const acc_t prod = std::sqrt(sq_a) * std::sqrt(sq_b);
       const acc_t eps = static_cast<acc_t>(kCosineEps);
       const acc_t denom = prod > eps ? prod : eps;

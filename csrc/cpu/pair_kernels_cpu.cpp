@@ -6,6 +6,8 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cmath>
+#include <string>
 #include <type_traits>
 #include <vector>
 
@@ -128,12 +130,10 @@ NEUROSENS_INLINE inline void flush_columns(int64_t C, bool first, acc_t* part, d
   }
 }
 
-// Writes the statistics of one map asked for (in kMask and `keep`) from its sums, `step` apart;
-// the output starts zeroed.
+// The statistics of one map in kMask, from sums `step` apart, as acc_t; the others zero.
 template <int kMask, typename sum_t, typename acc_t>
-NEUROSENS_INLINE inline void store_stats(const sum_t* sums, int64_t step, int keep, acc_t* out) {
-  for (int s = 0; s < kNumStats; ++s)
-    if (has_stat(kMask, s) && has_stat(keep, s)) out[s] = static_cast<acc_t>(sums[s * step]);
+NEUROSENS_INLINE inline void gather_stats(const sum_t* sums, int64_t step, acc_t* st) {
+  for (int s = 0; s < kNumStats; ++s) st[s] = has_stat(kMask, s) ? static_cast<acc_t>(sums[s * step]) : acc_t(0);
 }
 
 // f(std::integral_constant<int, mask>) with the statistics the public ops ask for compiled as their
@@ -141,7 +141,7 @@ NEUROSENS_INLINE inline void store_stats(const sum_t* sums, int64_t step, int ke
 template <typename F>
 void dispatch_stats_mask(int stats, F&& f) {
   constexpr int kL1 = stat_bit(kAbsDiff), kL2 = stat_bit(kSqDiff), kRel = stat_bit(kAbsA);
-  constexpr int kCos = stat_bit(kDot) | stat_bit(kSqA) | stat_bit(kSqB);
+  constexpr int kCos = kCosineStats;
   switch (stats) {
     case kL1: return f(std::integral_constant<int, kL1>());
     case kL2: return f(std::integral_constant<int, kL2>());
@@ -149,15 +149,16 @@ void dispatch_stats_mask(int stats, F&& f) {
     case kL1 | kRel: return f(std::integral_constant<int, kL1 | kRel>());
     case kL2 | kRel: return f(std::integral_constant<int, kL2 | kRel>());
     case kL1 | kL2: return f(std::integral_constant<int, kL1 | kL2>());
-    case kL1 | kCos: return f(std::integral_constant<int, kL1 | kCos>());
     case kL2 | kCos: return f(std::integral_constant<int, kL2 | kCos>());
     default: return f(std::integral_constant<int, kAllStats>());
   }
 }
 
-template <int kMask, typename scalar_t, typename acc_t>
-NEUROSENS_CLONES void stats_task(const scalar_t* pa, const scalar_t* pb, const PairLayout& L, int keep, acc_t* po,
+// The statistics in kMask of each map of the task, handed to sink(n, c, st) (st: kNumStats acc_t).
+template <int kMask, typename scalar_t, typename acc_t, typename Sink>
+NEUROSENS_CLONES void stats_task(const scalar_t* pa, const scalar_t* pb, const PairLayout& L, const Sink& sink,
                                  int64_t begin, int64_t end) {
+  acc_t st[kNumStats];
   if (L.by_columns()) {
     std::vector<acc_t> part(kNumStats * L.C);
     std::vector<double> total(kNumStats * L.C);
@@ -169,20 +170,25 @@ NEUROSENS_CLONES void stats_task(const scalar_t* pa, const scalar_t* pb, const P
         stats_of_columns<kMask, scalar_t, acc_t>(pa + o.t[0], pb + o.t[1], L.C, part.data());
         if (++positions % kSumBlock == 0) flush_columns<kMask, acc_t>(L.C, positions == kSumBlock, part.data(), total.data());
       });
-      acc_t* out = po + n * L.C * kNumStats;
       if (positions < kSumBlock) {
         // One block: the partial sums are the sums.
-        for (int64_t c = 0; c < L.C; ++c) store_stats<kMask>(part.data() + c, L.C, keep, out + c * kNumStats);
+        for (int64_t c = 0; c < L.C; ++c) {
+          gather_stats<kMask>(part.data() + c, L.C, st);
+          sink(n, c, st);
+        }
         continue;
       }
       if (positions % kSumBlock != 0) flush_columns<kMask, acc_t>(L.C, false, part.data(), total.data());
-      for (int64_t c = 0; c < L.C; ++c) store_stats<kMask>(total.data() + c, L.C, keep, out + c * kNumStats);
+      for (int64_t c = 0; c < L.C; ++c) {
+        gather_stats<kMask>(total.data() + c, L.C, st);
+        sink(n, c, st);
+      }
     }
     return;
   }
   const bool unit = L.ss[0][kMaxSpatial - 1] == 1 && L.ss[1][kMaxSpatial - 1] == 1;
   const bool flat = unit && L.size[0] == 1 && L.size[1] == 1;
-  for_each_map(L, begin, end, [&](int64_t r, int64_t n, int64_t c) NEUROSENS_INLINE {
+  for_each_map(L, begin, end, [&](int64_t, int64_t n, int64_t c) NEUROSENS_INLINE {
     double total[kNumStats] = {};
     if (flat) {
       // One contiguous run per map (NCHW): no walk, and a map of one block needs no double pass.
@@ -191,11 +197,12 @@ NEUROSENS_CLONES void stats_task(const scalar_t* pa, const scalar_t* pb, const P
       if (L.D <= kRunBlock) {
         acc_t s[kNumStats];
         sums_of_block<kMask, true, scalar_t, acc_t>(a, b, 0, L.D, 1, 1, s);
-        store_stats<kMask>(s, 1, keep, po + r * kNumStats);
+        gather_stats<kMask>(s, 1, st);
       } else {
         stats_of_run<kMask, true, scalar_t, acc_t>(a, b, L.D, 1, 1, total);
-        store_stats<kMask>(total, 1, keep, po + r * kNumStats);
+        gather_stats<kMask>(total, 1, st);
       }
+      sink(n, c, st);
       return;
     }
     walk_runs(L, n, c, [&](const Offsets& o, int64_t len) NEUROSENS_INLINE {
@@ -204,25 +211,116 @@ NEUROSENS_CLONES void stats_task(const scalar_t* pa, const scalar_t* pb, const P
       else
         stats_of_run<kMask, false, scalar_t, acc_t>(pa + o.t[0], pb + o.t[1], len, L.ss[0][2], L.ss[1][2], total);
     });
-    store_stats<kMask>(total, 1, keep, po + r * kNumStats);
+    gather_stats<kMask>(total, 1, st);
+    sink(n, c, st);
+  });
+}
+
+// For each (sample, neuron) of a and b, sink(n, c, st) with the statistics in `stats` (the others
+// zero), st holding kNumStats acc_t; the sink is called from several threads, once per (n, c).
+template <typename scalar_t, typename Sink>
+void for_each_stats(const at::Tensor& a, const at::Tensor& b, const PairLayout& L, int stats, const Sink& sink) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const scalar_t* pa = a.const_data_ptr<scalar_t>();
+  const scalar_t* pb = b.const_data_ptr<scalar_t>();
+  dispatch_stats_mask(stats, [&](auto mask) {
+    parallel_tasks(L, [&](int64_t begin, int64_t end) {
+      stats_task<decltype(mask)::value, scalar_t, acc_t>(pa, pb, L, sink, begin, end);
+    });
   });
 }
 
 at::Tensor pair_stats_cpu(const at::Tensor& a, const at::Tensor& b, int64_t channel_dim, int64_t stats) {
   const StatsCall call = begin_pair_stats(a, b, channel_dim, stats);
-  at::Tensor out = at::zeros({call.L.N, call.L.C, kNumStats}, call.acc);
+  at::Tensor out = at::empty({call.L.N, call.L.C, kNumStats}, call.acc);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.scalar_type(), "neurosens._pair_stats", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    const scalar_t* pa = a.const_data_ptr<scalar_t>();
-    const scalar_t* pb = b.const_data_ptr<scalar_t>();
     acc_t* po = out.mutable_data_ptr<acc_t>();
-    dispatch_stats_mask(call.stats, [&](auto mask) {
-      parallel_tasks(call.L, [&](int64_t begin, int64_t end) {
-        stats_task<decltype(mask)::value, scalar_t, acc_t>(pa, pb, call.L, call.stats, po, begin, end);
-      });
+    const int64_t C = call.L.C;
+    const int keep = call.stats;
+    for_each_stats<scalar_t>(a, b, call.L, call.stats, [=](int64_t n, int64_t c, const acc_t* st) NEUROSENS_INLINE {
+      acc_t* out = po + (n * C + c) * kNumStats;
+      for (int s = 0; s < kNumStats; ++s) out[s] = has_stat(keep, s) ? st[s] : acc_t(0);
     });
   });
   return out;
+}
+
+// [N, C] distances straight from the statistics, with no [N, C, kNumStats] tensor in between.
+at::Tensor distances_cpu(const at::Tensor& a, const at::Tensor& b, const std::string& metric, int64_t channel_dim,
+                         bool relative, const char* op) {
+  const Metric m = parse_distance_metric(metric, relative, op);
+  const int64_t cdim = check_pair(a, b, channel_dim, op);
+  const PairLayout L = make_layout({a, b}, cdim, op);
+  at::Tensor out = at::empty({L.N, L.C}, a.options().dtype(accumulation_dtype(a)));
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.scalar_type(), "neurosens.distances", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    acc_t* po = out.mutable_data_ptr<acc_t>();
+    const int64_t C = L.C;
+    const acc_t D = static_cast<acc_t>(L.D);
+    for_each_stats<scalar_t>(a, b, L, stats_for(m, relative), [=](int64_t n, int64_t c, const acc_t* st) NEUROSENS_INLINE {
+      po[n * C + c] = distance_from_stats<acc_t>(m, st, D, relative);
+    });
+  });
+  return out;
+}
+
+// Per-neuron sums over the samples of [N, C] distances, summed in double and divided by `divisor`.
+at::Tensor batch_sums(const at::Tensor& dist, double divisor) {
+  const int64_t N = dist.size(0), C = dist.size(1);
+  at::Tensor out = at::empty({C}, dist.options());
+  AT_DISPATCH_FLOATING_TYPES(dist.scalar_type(), "neurosens.batch_sums", [&] {
+    const scalar_t* pd = dist.const_data_ptr<scalar_t>();
+    scalar_t* po = out.mutable_data_ptr<scalar_t>();
+    std::vector<double> total(pd, pd + C);
+    for (int64_t n = 1; n < N; ++n)
+      for (int64_t c = 0; c < C; ++c) total[c] += pd[n * C + c];
+    for (int64_t c = 0; c < C; ++c) po[c] = static_cast<scalar_t>(total[c] / divisor);
+  });
+  return out;
+}
+
+at::Tensor neuron_distance_per_sample_cpu(const at::Tensor& a, const at::Tensor& b, c10::string_view metric,
+                                          int64_t channel_dim, bool relative) {
+  return distances_cpu(a, b, std::string(metric), channel_dim, relative, "neurosens.neuron_distance_per_sample");
+}
+
+at::Tensor neuron_distance_cpu(const at::Tensor& a, const at::Tensor& b, c10::string_view metric, int64_t channel_dim,
+                               bool relative) {
+  return batch_sums(distances_cpu(a, b, std::string(metric), channel_dim, relative, "neurosens.neuron_distance"), 1.0);
+}
+
+// The k largest (largest=false: smallest) of `values`, sorted, as torch.sort orders them (NaN above
+// every number) with the lower index first between equal values.
+std::tuple<at::Tensor, at::Tensor> topk_cpu(const at::Tensor& values, int64_t k, bool largest) {
+  const int64_t C = values.size(0);
+  at::Tensor top = at::empty({k}, values.options());
+  at::Tensor idx = at::empty({k}, values.options().dtype(at::kLong));
+  AT_DISPATCH_FLOATING_TYPES(values.scalar_type(), "neurosens.topk", [&] {
+    const scalar_t* v = values.const_data_ptr<scalar_t>();
+    int64_t* pi = idx.mutable_data_ptr<int64_t>();
+    std::vector<int64_t> order(C);
+    for (int64_t c = 0; c < C; ++c) order[c] = c;
+    auto before = [&](int64_t i, int64_t j) {
+      const bool nan_i = std::isnan(v[i]), nan_j = std::isnan(v[j]);
+      if (nan_i != nan_j) return largest ? nan_i : nan_j;
+      if (!nan_i && v[i] != v[j]) return largest ? v[i] > v[j] : v[i] < v[j];
+      return i < j;
+    };
+    std::partial_sort(order.begin(), order.begin() + k, order.end(), before);
+    scalar_t* pt = top.mutable_data_ptr<scalar_t>();
+    for (int64_t i = 0; i < k; ++i) pi[i] = order[i], pt[i] = v[order[i]];
+  });
+  return {top, idx};
+}
+
+std::tuple<at::Tensor, at::Tensor> neuron_topk_cpu(const at::Tensor& a, const at::Tensor& b, int64_t k,
+                                                   c10::string_view metric, int64_t channel_dim, bool relative,
+                                                   bool largest) {
+  const char* op = "neurosens.neuron_topk";
+  const at::Tensor dist = distances_cpu(a, b, std::string(metric), channel_dim, relative, op);
+  check_k(k, dist.size(1), a, op);
+  return topk_cpu(batch_sums(dist, static_cast<double>(dist.size(0))), k, largest);
 }
 
 // Gradients of one run with the coefficients k of its map. kUnit: stride 1 in all four tensors.
@@ -324,6 +422,9 @@ std::tuple<at::Tensor, at::Tensor> stabilize_grad_cpu(const at::Tensor& a, const
 TORCH_LIBRARY_IMPL(neurosens, CPU, m) {
   m.impl("_pair_stats", &pair_stats_cpu);
   m.impl("_stabilize_grad", &stabilize_grad_cpu);
+  m.impl("neuron_distance", &neuron_distance_cpu);
+  m.impl("neuron_distance_per_sample", &neuron_distance_per_sample_cpu);
+  m.impl("neuron_topk", &neuron_topk_cpu);
 }
 
 }  // namespace neurosens
