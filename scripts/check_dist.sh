@@ -11,7 +11,7 @@
 set -euo pipefail
 
 root=$(cd "$(dirname "$0")/.." && pwd)
-python=${PYTHON:-$root/.venv/bin/python}
+python=$(realpath -s "${PYTHON:-$root/.venv/bin/python}")  # absolute: the script changes directory
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
 unset NEUROSENS_NO_EXT
