@@ -257,6 +257,7 @@ def main():
     parser.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
     parser.add_argument("--repeats", type=int, default=15)
     parser.add_argument("--large", action="store_true", help=f"also time {LARGE_SHAPES} (several GB of memory)")
+    parser.add_argument("--large-only", action="store_true", help=f"time only {LARGE_SHAPES}")
     parser.add_argument("--memory-format", default="contiguous", choices=["contiguous", "channels_last"],
                         help="layout of the 4-D activations")
     parser.add_argument("--keep-freed-memory", action="store_true",
@@ -280,7 +281,8 @@ def main():
     fixed = fixed_costs(device, args.repeats)
     print("fixed cost per call (us): " + ", ".join(f"{name} {us:.1f}" for name, us in fixed.items()), flush=True)
     rows = []
-    for shape in SHAPES + (LARGE_SHAPES if args.large else []):
+    shapes = LARGE_SHAPES if args.large_only else SHAPES + (LARGE_SHAPES if args.large else [])
+    for shape in shapes:
         a, b = make_inputs(shape, dtype, device, args.memory_format)
         k = max(1, shape[1] // 10)
         check_baselines(a, b, k)

@@ -4,6 +4,7 @@ A step is the attack, the loss, backward and the optimizer update, on synthetic 
 mode. Variants, timed interleaved (one step of each in turn, median over the rounds) so that
 machine noise hits all of them alike:
   * pgd_at: cross-entropy on the PGD batch;
+  * trades: TRADES (beta 1), whose KL attack and two forwards are the same passes as an SNS step;
   * two_graphs: pgd_at plus a benign forward that joins the loss with weight 0: the extra graph
     SNS needs (forward and backward), without its ops, i.e. the floor of any SNS step;
   * sns: the package defaults (benign and adversarial forwards captured, top-k per layer, fused
@@ -43,11 +44,12 @@ def two_graphs_loss(model, x, y, attack):
 
 def variants(model, attack_steps, eps):
     from neurosens.attacks import PGD
-    from neurosens.methods import SNSLoss, pgd_at_loss
+    from neurosens.methods import SNSLoss, pgd_at_loss, trades_loss
 
     attack = PGD(model, eps, steps=attack_steps)
     return attack, {
         "pgd_at": pgd_at_loss,
+        "trades": trades_loss(1.0),
         "two_graphs": two_graphs_loss,
         "sns": SNSLoss(model),
         "sns_detached": SNSLoss(model, detach_benign=True),
@@ -91,7 +93,10 @@ def time_steps(name, batch, args, device):
     return {"model": name, "batch": batch, "ms": {v: 1e3 * t for v, t in medians.items()},
             "sns_over_pgd_at": medians["sns"] / medians["pgd_at"],
             "two_graphs_over_pgd_at": medians["two_graphs"] / medians["pgd_at"],
-            "sns_detached_over_pgd_at": medians["sns_detached"] / medians["pgd_at"]}
+            "sns_detached_over_pgd_at": medians["sns_detached"] / medians["pgd_at"],
+            "sns_over_trades": medians["sns"] / medians["trades"],
+            # what the regularizer (capture, selection, stabilize forward + backward) adds to the passes
+            "regularizer_share": (medians["sns"] - medians["two_graphs"]) / medians["sns"]}
 
 
 def run_backend(args):
@@ -139,6 +144,7 @@ def main():
         for r in result["rows"]:
             print(f"{result['backend']:9s} {r['model']:18s} batch {r['batch']:4d}  "
                   + "  ".join(f"{v} {t:8.1f} ms" for v, t in r["ms"].items())
+                  + f"  sns/trades {r['sns_over_trades']:.3f}  regularizer share {r['regularizer_share']:.3f}"
                   + f"  sns/pgd_at {r['sns_over_pgd_at']:.3f}  two_graphs/pgd_at {r['two_graphs_over_pgd_at']:.3f}  detached/pgd_at {r['sns_detached_over_pgd_at']:.3f}", flush=True)
 
     env = environment(args.device) | {"threads": args.threads or torch.get_num_threads(), "pgd_steps": args.pgd_steps,
@@ -149,15 +155,16 @@ def main():
         json.dump({"environment": env, "results": results}, f, indent=2)
     lines = [header(env), "", f"PGD-{args.pgd_steps}" + (", bf16 autocast" if args.amp else "")
              + (", freed memory kept" if args.keep_freed_memory else "") + f"; median of {args.rounds} interleaved rounds", "",
-             "| backend | model | batch | PGD-AT ms | two graphs ms | SNS ms | SNS detached ms | two graphs / PGD-AT "
-             "| SNS / PGD-AT | detached / PGD-AT |",
-             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "| backend | model | batch | PGD-AT ms | TRADES ms | two graphs ms | SNS ms | SNS detached ms | two graphs / PGD-AT "
+             "| SNS / PGD-AT | detached / PGD-AT | SNS / TRADES | regularizer share of SNS |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for result in results:
         for r in result["rows"]:
             ms = r["ms"]
-            lines.append(f"| {result['backend']} | {r['model']} | {r['batch']} | {ms['pgd_at']:.1f} | {ms['two_graphs']:.1f} "
-                         f"| {ms['sns']:.1f} | {ms['sns_detached']:.1f} | {r['two_graphs_over_pgd_at']:.3f} "
-                         f"| {r['sns_over_pgd_at']:.3f} | {r['sns_detached_over_pgd_at']:.3f} |")
+            lines.append(f"| {result['backend']} | {r['model']} | {r['batch']} | {ms['pgd_at']:.1f} | {ms['trades']:.1f} "
+                         f"| {ms['two_graphs']:.1f} | {ms['sns']:.1f} | {ms['sns_detached']:.1f} | {r['two_graphs_over_pgd_at']:.3f} "
+                         f"| {r['sns_over_pgd_at']:.3f} | {r['sns_detached_over_pgd_at']:.3f} | {r['sns_over_trades']:.3f} "
+                         f"| {r['regularizer_share']:.3f} |")
     with open(stem + ".md", "w") as f:
         f.write("\n".join(lines) + "\n")
     print("\n".join(lines))

@@ -5,11 +5,14 @@
 #
 #   build     compile the CPU and CUDA kernels for the visible GPU (pip --no-build-isolation --no-deps)
 #   test      the op tests on CUDA, then the rest of the suite
-#   sanitize  compute-sanitizer memcheck (caching allocator off), initcheck and synccheck over the
-#             CUDA op tests, without gradcheck/compile cases (too many launches)
-#   bench     copy bandwidth; neuron_topk and stabilize forward + backward, float32 and bfloat16,
-#             NCHW and channels_last, the benchmark shapes plus [256, 256, 56, 56]: fused against
-#             torch.compile, eager and the read floor
+#   sanitize  compute-sanitizer memcheck (caching allocator off), initcheck and synccheck, side by
+#             side, over the CUDA op tests, without gradcheck/compile cases (too many launches)
+#   bench     copy bandwidth; neuron_topk and stabilize forward + backward: float32 NCHW at the
+#             benchmark shapes plus [256, 256, 56, 56], and that large shape in bfloat16 and
+#             channels_last; fused against torch.compile, eager and the read floor. Then one SNS
+#             step against TRADES and PGD-AT (ResNet-18, batch 256, bf16 autocast)
+#   round     all of it in one go for a short lease: build, then test and sanitize side by side,
+#             then bench alone (about 8 minutes on an H200)
 #
 # It uses the machine's python3 (PYTHON=... to change) and its torch; no virtual environment, no
 # network. Every phase writes ONE file, OUTDIR/gpu_PHASE.tar.gz (logs and results), and prints one
@@ -23,7 +26,7 @@ dry=0
 if [[ ${1:-} == --dry-run ]]; then dry=1; shift; fi
 phase=${1:-}
 out=${2:-}
-case "$phase" in build | test | sanitize | bench) ;; *) usage; exit 2 ;; esac
+case "$phase" in build | test | sanitize | bench | round) ;; *) usage; exit 2 ;; esac
 [[ -n $out ]] || { usage; exit 2; }
 
 cd "$(dirname "$0")/.." || exit 2
@@ -38,9 +41,9 @@ export PATH="$PATH:$CUDA_HOME/bin"
 # Op tests on CUDA, minus the cases that launch thousands of kernels or need 8 GiB buffers.
 cuda_tests=(tests/test_ops.py tests/test_kernel_edges.py -k "cuda and not gradcheck and not compile and not opcheck and not int64_indexing and not saturate")
 
-passed=()
-failed=()
 missing=()  # tools a dry run did not find
+outcomes="$logs/outcomes"  # one line per step, so that steps run side by side are all counted
+: >"$outcomes"
 
 # step NAME SECONDS COMMAND...: runs COMMAND with a time limit, its output in NAME.log.
 step() {
@@ -51,7 +54,7 @@ step() {
   if ((dry)); then
     echo "$*" >"$log"
     echo "   $*"
-    passed+=("$name")
+    echo "passed $name" >>"$outcomes"
     return
   fi
   local start=$SECONDS
@@ -59,7 +62,7 @@ step() {
   local rc=$?
   tail -n 3 "$log" | sed 's/^/   /'
   echo "   rc $rc, $((SECONDS - start)) s" | tee -a "$log"
-  if ((rc == 0)); then passed+=("$name"); else failed+=("$name (rc $rc)"); fi
+  if ((rc == 0)); then echo "passed $name" >>"$outcomes"; else echo "failed $name (rc $rc)" >>"$outcomes"; fi
 }
 
 # need TOOL: a missing tool is a failed step, said by name (a dry run only says it).
@@ -68,13 +71,13 @@ need() {
     echo "$1: $(command -v "$1")" >>"$logs/tools.txt"
   else
     echo "missing: $1 (not on PATH nor in $CUDA_HOME/bin)" | tee -a "$logs/tools.txt"
-    if ((dry)); then missing+=("$1"); else failed+=("$1 missing"); fi
+    if ((dry)); then missing+=("$1"); else echo "failed $1 missing" >>"$outcomes"; fi
   fi
 }
 
 build() {
   need nvcc
-  step "build" 420 env FORCE_CUDA=1 MAX_JOBS="${MAX_JOBS:-$(nproc)}" "$py" -m pip install -v --no-build-isolation --no-deps -e .
+  step "build" 420 env FORCE_CUDA=1 TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-}" MAX_JOBS="${MAX_JOBS:-$(nproc)}" "$py" -m pip install -v --no-build-isolation --no-deps -e .
 }
 
 build_if_missing() {
@@ -97,30 +100,45 @@ test)
 sanitize)
   build_if_missing
   need compute-sanitizer
-  step "memcheck" 150 env PYTORCH_NO_CUDA_MEMORY_CACHING=1 compute-sanitizer --tool memcheck --error-exitcode 99 --print-limit 20 "$py" -m pytest -q -p no:cacheprovider "${cuda_tests[@]}"
-  step "initcheck" 150 compute-sanitizer --tool initcheck --error-exitcode 99 --print-limit 20 "$py" -m pytest -q -p no:cacheprovider "${cuda_tests[@]}"
-  step "synccheck" 150 compute-sanitizer --tool synccheck --error-exitcode 99 --print-limit 20 "$py" -m pytest -q -p no:cacheprovider "${cuda_tests[@]}"
+  step "memcheck" 240 env PYTORCH_NO_CUDA_MEMORY_CACHING=1 compute-sanitizer --tool memcheck --error-exitcode 99 --print-limit 20 "$py" -m pytest -q -p no:cacheprovider "${cuda_tests[@]}" &
+  step "initcheck" 240 compute-sanitizer --tool initcheck --error-exitcode 99 --print-limit 20 "$py" -m pytest -q -p no:cacheprovider "${cuda_tests[@]}" &
+  step "synccheck" 240 compute-sanitizer --tool synccheck --error-exitcode 99 --print-limit 20 "$py" -m pytest -q -p no:cacheprovider "${cuda_tests[@]}" &
+  wait
   ;;
 bench)
   build_if_missing
-  for dtype in float32 bfloat16; do
-    for format in contiguous channels_last; do
-      step "ops $dtype $format" 110 "$py" benchmarks/bench_ops.py --device cuda --dtype "$dtype" --large \
-        --memory-format "$format" --repeats 20 --out "$logs"
-    done
+  step "ops float32 contiguous" 150 "$py" benchmarks/bench_ops.py --device cuda --large --repeats 20 --out "$logs"
+  for config in "bfloat16 contiguous" "float32 channels_last" "bfloat16 channels_last"; do
+    set -- $config
+    step "ops $1 $2" 60 "$py" benchmarks/bench_ops.py --device cuda --dtype "$1" --memory-format "$2" --large-only \
+      --repeats 20 --out "$logs"
   done
+  step "sns step" 150 "$py" benchmarks/bench_sns_step.py --device cuda --resnet-batch 256 --amp --out "$logs"
+  ;;
+round)
+  # Each phase is its own run of this script, with its own tarball; test and sanitize share the GPU.
+  # The phases run even in a dry run (dry=0 here), passing --dry-run on to their own steps.
+  args=()
+  ((dry)) && args=(--dry-run)
+  dry=0 step "phase build" 480 "$0" "${args[@]}" build "$out"
+  dry=0 step "phase test" 480 "$0" "${args[@]}" test "$out" &
+  dry=0 step "phase sanitize" 480 "$0" "${args[@]}" sanitize "$out" &
+  wait
+  dry=0 step "phase bench" 480 "$0" "${args[@]}" bench "$out"
   ;;
 esac
 
+passed=$(sed -n 's/^passed //p' "$outcomes" | paste -sd, -)
+failed=$(sed -n 's/^failed //p' "$outcomes" | paste -sd, -)
 status=ok
-((${#failed[@]} == 0)) || status=FAILED
+[[ -z $failed ]] || status=FAILED
 {
   echo "phase $phase: $status"
-  echo "passed: ${passed[*]:-none}"
-  echo "failed: ${failed[*]:-none}"
+  echo "passed: ${passed:-none}"
+  echo "failed: ${failed:-none}"
 } >"$logs/summary.txt"
 tar -czf "$out/gpu_$phase.tar.gz" -C "$work" "gpu_$phase"
 note=""
 ((dry)) && note="; dry run${missing[*]:+, missing here: ${missing[*]}}"
-echo "gpu_suite $phase: $status; passed: ${passed[*]:-none}; failed: ${failed[*]:-none}$note -> $out/gpu_$phase.tar.gz"
+echo "gpu_suite $phase: $status; passed: ${passed:-none}; failed: ${failed:-none}$note -> $out/gpu_$phase.tar.gz"
 [[ $status == ok ]]

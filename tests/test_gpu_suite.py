@@ -14,8 +14,13 @@ EXPECTED = {
     "test": ["tests/test_ops.py tests/test_kernel_edges.py", "not slow"],
     "sanitize": ["PYTORCH_NO_CUDA_MEMORY_CACHING=1 compute-sanitizer --tool memcheck", "--tool initcheck",
                  "--tool synccheck", "not gradcheck and not compile"],
-    "bench": ["--dtype float32 --large --memory-format contiguous", "--dtype bfloat16 --large --memory-format channels_last"],
+    "bench": ["bench_ops.py --device cuda --large", "--dtype bfloat16 --memory-format channels_last --large-only",
+              "--dtype float32 --memory-format channels_last --large-only", "bench_sns_step.py --device cuda --resnet-batch 256 --amp"],
+    "round": ["gpu_suite build: ok", "gpu_suite test: ok", "gpu_suite sanitize: ok", "gpu_suite bench: ok"],
 }
+# The tarballs each phase leaves: round runs every other phase, each leaving its own.
+TARBALLS = {phase: [f"gpu_{phase}.tar.gz"] for phase in EXPECTED}
+TARBALLS["round"] = sorted(f"gpu_{phase}.tar.gz" for phase in EXPECTED)
 
 
 def run(*args, env=None):
@@ -31,7 +36,7 @@ def logs_of(tarball):
 def test_dry_run_of_each_phase(phase, tmp_path):
     done = run("--dry-run", phase, str(tmp_path))
     assert done.returncode == 0, done.stdout + done.stderr
-    assert os.listdir(tmp_path) == [f"gpu_{phase}.tar.gz"]
+    assert sorted(os.listdir(tmp_path)) == TARBALLS[phase]
     last = done.stdout.strip().splitlines()[-1]
     assert last.startswith(f"gpu_suite {phase}: ok") and last.endswith(f"gpu_{phase}.tar.gz"), last
     logs = logs_of(tmp_path / f"gpu_{phase}.tar.gz")
