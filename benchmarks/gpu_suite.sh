@@ -95,7 +95,7 @@ build)
 test)
   build_if_missing
   step "op tests" 240 "$py" -m pytest -q -p no:cacheprovider -rs tests/test_ops.py tests/test_kernel_edges.py tests/test_build.py
-  step "other tests" 200 "$py" -m pytest -q -p no:cacheprovider -x -m "not slow" --ignore=tests/test_ops.py --ignore=tests/test_kernel_edges.py
+  step "other tests" 200 "$py" -m pytest -q -p no:cacheprovider -m "not slow" --ignore=tests/test_ops.py --ignore=tests/test_kernel_edges.py
   ;;
 sanitize)
   build_if_missing

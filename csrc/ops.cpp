@@ -92,6 +92,19 @@ std::tuple<at::Tensor, at::Tensor> neuron_topk(const at::Tensor& a, const at::Te
   return topk_lower_index_first(dist.mean(0), k, largest);
 }
 
+// Indices must lie in [0, C). On a GPU the check runs on the device (an asynchronous assert), so
+// that a training step neither waits for the GPU nor breaks CUDA-graph capture.
+void check_index_range(const at::Tensor& idx, int64_t C, const at::Tensor& a, const char* op) {
+  if (idx.device().is_cpu()) {
+    const auto lo = idx.min().item<int64_t>(), hi = idx.max().item<int64_t>();
+    TORCH_CHECK_VALUE(lo >= 0 && hi < C, op, ": indices must lie in [0, ", C, ") for activations of shape ",
+                      shape_str(a), ", got values in [", lo, ", ", hi, "]");
+    return;
+  }
+  at::_assert_async(idx.ge(0).logical_and(idx.lt(C)).all(),
+                    c10::str(op, ": indices must lie in [0, ", C, ") for activations of shape ", shape_str(a)));
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor> stabilize(const at::Tensor& a, const at::Tensor& b,
                                                          const std::optional<at::Tensor>& indices, int64_t k,
                                                          c10::string_view metric, c10::string_view select_metric,
@@ -110,9 +123,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> stabilize(const at::Tensor& a, co
     TORCH_CHECK_VALUE(idx.device() == a.device(), op, ": indices are on ", idx.device(), " but a is on ", a.device());
     TORCH_CHECK_VALUE(k == idx.numel(), op, ": k=", k, " does not match ", idx.numel(), " indices");
     check_k(k, C, a, op);
-    const auto lo = idx.min().item<int64_t>(), hi = idx.max().item<int64_t>();
-    TORCH_CHECK_VALUE(lo >= 0 && hi < C, op, ": indices must lie in [0, ", C, ") for activations of shape ",
-                      shape_str(a), ", got values in [", lo, ", ", hi, "]");
+    check_index_range(idx, C, a, op);
     selected = idx.clone();
   } else {
     check_k(k, C, a, op);

@@ -48,6 +48,12 @@ def check_index_range(indices, num_neurons, where, what="indices"):
     """Every entry of the int tensor ``indices`` names one of ``num_neurons`` neurons."""
     if indices.numel() == 0:
         return
+    if indices.device.type != "cpu" or torch.compiler.is_compiling():
+        # Checked on the device (or in the compiled graph): a training step neither waits for the
+        # GPU nor breaks CUDA-graph capture; a bad index stops the next synchronizing call.
+        torch._assert_async(((indices >= 0) & (indices < num_neurons)).all(),
+                            f"{where}: {what} must lie in [0, {num_neurons})")
+        return
     lo, hi = int(indices.min()), int(indices.max())
     if lo < 0 or hi >= num_neurons:
         raise ValueError(f"{where}: {what} must lie in [0, {num_neurons}), got values in [{lo}, {hi}]")

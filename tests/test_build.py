@@ -1,6 +1,8 @@
 """The build: which extension is loaded, and which GPU architectures and flags setup.py picks."""
 import importlib.util
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -20,6 +22,29 @@ def test_the_extension_the_build_asked_for_is_loaded():
     ext = extension.EXTENSION
     assert ext is not None, f"the extension is not loaded: {extension.WHY_NOT}"
     assert ext.with_cuda == (want == "cuda"), f"expected the {want} build, got with_cuda={ext.with_cuda}"
+
+
+# An error raised by a check inside the extension, as a user's script meets it. In a child process,
+# so that a toolchain whose C++ exceptions cannot cross into torch fails this test, not the run.
+RAISE = """
+import torch, neurosens
+try:
+    torch.ops.neurosens.{call}
+except {error} as err:
+    print("raised:", err)
+"""
+
+
+@pytest.mark.parametrize("call,error,message", [
+    ("neuron_distance(torch.randn(2, 3), torch.randn(2, 4), 'l1', 1, False)", "RuntimeError", "same shape"),
+    ("neuron_topk(torch.randn(2, 3), torch.randn(2, 3), 0, 'l1', 1, False, True)", "ValueError", "k=0 is out of range"),
+])
+def test_an_error_inside_the_extension_reaches_python(call, error, message):
+    if extension.EXTENSION is None:
+        pytest.skip(f"the extension is not loaded: {extension.WHY_NOT}")
+    done = subprocess.run([sys.executable, "-c", RAISE.format(call=call, error=error)], capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0 and message in done.stdout, (done.returncode, done.stdout, done.stderr[-3000:])
 
 
 @pytest.fixture(scope="module")

@@ -65,10 +65,10 @@ CASES = [
     (TRAIN + ["--threads", "0"], "--threads"),
     (TRAIN + ["--lr", "nan"], "--lr"),
     (["train", "--data", "mnist", "--root", "@no-data", "--out", "@run-new"], "mnist"),
-    # eval
-    (["eval", "@missing.pt", "--eps", "0.1"], "missing.pt"),
-    (["eval", "@empty.pt", "--eps", "0.1"], "empty.pt"),
-    (["eval", "@corrupt.pt", "--eps", "0.1"], "corrupt.pt"),
+    # eval (PGD only: without torchattacks, asking for AutoAttack is refused before the model is read)
+    (["eval", "@missing.pt", "--attacks", "pgd", "--eps", "0.1"], "missing.pt"),
+    (["eval", "@empty.pt", "--attacks", "pgd", "--eps", "0.1"], "empty.pt"),
+    (["eval", "@corrupt.pt", "--attacks", "pgd", "--eps", "0.1"], "corrupt.pt"),
     (EVAL + ["--json", "@nowhere/out.json"], "--json"),
     (EVAL + ["-n", "-5"], "--samples"),
     (EVAL + ["--num", "5"], "-n/--samples"),

@@ -184,8 +184,20 @@ def test_values_where_the_work_is_split(device, num_threads, layout, shape, cdim
         # Gradients are float32 mixes of a and b (a + b terms that cancel when the maps are
         # near); compare at the scale of the loss's weight, 1 / (samples * neurons * map size).
         scale = 1.0 / (a.shape[0] * idx.numel() * (a.numel() // (a.shape[0] * C)))
-        torch.testing.assert_close(x.grad.double(), rx.grad, rtol=1e-4, atol=1e-2 * scale)
-        torch.testing.assert_close(y.grad.double(), ry.grad, rtol=1e-4, atol=1e-2 * scale)
+        for t, got, want in ((a, x.grad, rx.grad), (b, y.grad, ry.grad)):
+            if metric == "cosine":
+                # The cosine's gradient is two terms of size weight / ||map|| that cancel (wholly
+                # for one-element maps): its float32 error grows as the map's norm shrinks, so
+                # compare it times that norm (capped at 1).
+                norm = _map_norms(t.double(), cdim).clamp(max=1.0)
+                got, want = got.double() * norm, want * norm
+            torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-2 * scale)
+
+
+def _map_norms(t, cdim):
+    """Each (sample, neuron) map's Euclidean norm, broadcast over its elements."""
+    dims = [d for d in range(t.dim()) if d not in (0, cdim % t.dim())]
+    return t.norm(dim=dims, keepdim=True) if dims else t.abs()
 
 
 def _maps_with_distances(dist, layout, device):

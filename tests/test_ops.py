@@ -1,5 +1,6 @@
 """The fused ops against their pure-PyTorch twins in float64, on many shapes, dtypes and layouts."""
 import math
+import os
 import random
 
 import pytest
@@ -352,6 +353,8 @@ def test_extension_and_reference_backends_agree(monkeypatch):
 
 @requires_ext
 @pytest.mark.skipif(not CUDA, reason="needs a CUDA device")
+@pytest.mark.skipif(os.environ.get("PYTORCH_NO_CUDA_MEMORY_CACHING") == "1",
+                    reason="graph capture needs the caching allocator (convolutions allocate while capturing)")
 def test_stabilize_with_given_indices_captures_in_a_cuda_graph():
     """The SNS step between selections (indices given) neither syncs with the host nor breaks capture."""
     torch.manual_seed(0)
