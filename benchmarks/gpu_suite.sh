@@ -91,6 +91,8 @@ case "$phase" in
 build)
   build
   step "info" 60 "$py" -m neurosens info
+  # A compiler that links libstdc++ statically builds an extension whose C++ errors crash Python.
+  step "C++ errors reach Python" 120 "$py" -m pytest -q -p no:cacheprovider tests/test_build.py -k reaches_python
   ;;
 test)
   build_if_missing

@@ -10,7 +10,7 @@ import pytest
 SUITE = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_suite.sh"
 
 EXPECTED = {
-    "build": ["pip install -v --no-build-isolation --no-deps -e .", "FORCE_CUDA=1", "neurosens info"],
+    "build": ["pip install -v --no-build-isolation --no-deps -e .", "FORCE_CUDA=1", "neurosens info", "-k reaches_python"],
     "test": ["tests/test_ops.py tests/test_kernel_edges.py", "not slow"],
     "sanitize": ["PYTORCH_NO_CUDA_MEMORY_CACHING=1 compute-sanitizer --tool memcheck", "--tool initcheck",
                  "--tool synccheck", "not gradcheck and not compile"],
