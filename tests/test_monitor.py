@@ -258,3 +258,25 @@ def test_cli_tensorboard_missing_is_one_line_before_data(capsys, monkeypatch, tm
                       "--out", str(tmp_path / "run")])
     assert str(exit.value) == ("neurosens train: TensorBoard logging needs the tensorboard package, which is not "
                                "installed (pip install tensorboard)")
+
+
+def _ddp_worker(rank, world, out):
+    torch.set_num_threads(1)
+    torch.distributed.init_process_group("gloo", init_method=f"file://{out}/rendezvous", rank=rank, world_size=world)
+    try:
+        model = fresh_model()
+        record = SensitivityMonitor(model, probe(30), "fgsm", eps=0.1, every=None, batch_size=8).measure()
+        torch.save(record, f"{out}/rank{rank}.pt")
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_ranks_share_the_probe_and_agree_with_one_process(tmp_path):
+    torch.multiprocessing.spawn(_ddp_worker, args=(2, str(tmp_path)), nprocs=2, join=True)
+    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))
+    alone = SensitivityMonitor(fresh_model(), probe(30), "fgsm", eps=0.1, every=None, batch_size=8).measure()
+    assert without_seconds([r0]) == without_seconds([r1])
+    assert r0["samples"] == 30 and r0["clean"] == alone["clean"] and r0["robust"] == alone["robust"]
+    for layer, value in alone["sensitivity"].items():
+        assert r0["sensitivity"][layer] == pytest.approx(value, rel=1e-6)
