@@ -280,3 +280,19 @@ def test_ranks_share_the_probe_and_agree_with_one_process(tmp_path):
     assert r0["samples"] == 30 and r0["clean"] == alone["clean"] and r0["robust"] == alone["robust"]
     for layer, value in alone["sensitivity"].items():
         assert r0["sensitivity"][layer] == pytest.approx(value, rel=1e-6)
+
+
+def test_resume_of_a_run_older_than_the_monitor_options(tmp_path):
+    from neurosens.checkpoint import load_checkpoint, save_checkpoint
+
+    train, test = digits8(64)
+    cfg = run_config(method="standard", monitor=0, monitor_every=0, epochs=2)
+    Trainer(fresh_model(), train, test, cfg, out_dir=tmp_path).fit(until=1)
+    state = load_checkpoint(tmp_path / "checkpoint.pt")
+    state["config"] = {k: v for k, v in state["config"].items() if not k.startswith("monitor")}
+    save_checkpoint({k: v for k, v in state.items() if k != "digest"}, tmp_path / "checkpoint.pt")
+    assert len(Trainer(fresh_model(), train, test, cfg, out_dir=tmp_path).fit(resume=True)) == 2
+    # Turning the monitor on halfway would leave its records without their first epoch.
+    with pytest.raises(ValueError, match="monitor: 0 -> 8"):
+        Trainer(fresh_model(), train, test, run_config(method="standard", monitor=8, monitor_every=0, epochs=2),
+                out_dir=tmp_path).fit(resume=True)
