@@ -118,7 +118,9 @@ class SensitivityMonitor:
         elif getattr(attack, "model", model) is not model:
             raise ValueError(f"{where}: the attack is bound to another model than the one monitored; build it on this one")
         self.model, self.attack = model, attack
-        self.meter = NeuronSensitivity(model, layers, metric, logits=logits if logits is not None else getattr(attack, "logits", None))
+        if logits is None:
+            logits = getattr(attack, "logits", None)
+        self.meter = NeuronSensitivity(model, layers, metric, logits=logits)
         self.batch_size, self.seed, self.writer = batch_size, seed, writer
         self.steps, self.epochs, self._epoch_end_step = 0, 0, 0
         self.history = []

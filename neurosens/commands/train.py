@@ -59,8 +59,9 @@ def add_arguments(parser):
                               "and report.html to OUT (default: 0, off)")
     monitor.add_argument("--monitor-every", type=count_or_zero, default=d.monitor_every, metavar="STEPS",
                          help="also measure every STEPS training steps (default: 0, only at epoch ends)")
-    monitor.add_argument("--monitor-steps", type=positive_int,
-                         help="PGD steps of the monitor's attack, whose eps and step size are the evaluation's (default: --eval-steps)")
+    monitor.add_argument("--monitor-steps", type=positive_int, metavar="K",
+                         help="PGD steps of the monitor's attack, whose eps and step size are the evaluation's "
+                              "(default: --eval-steps)")
     monitor.add_argument("--monitor-tensorboard", action="store_true",
                          help="also log the records to OUT/tensorboard (needs the tensorboard package)")
     parser.add_argument("--amp", action="store_true", help="mixed precision (CUDA only)")
@@ -71,7 +72,7 @@ def add_arguments(parser):
     parser.add_argument("--device", type=device, help="cpu, cuda or cuda:N (default: cuda when available)")
     parser.add_argument("--out", type=out_dir, required=True, help="run folder: checkpoint.pt, metrics.jsonl, model.pt")
     parser.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt when it exists; the options must be the run's, "
-                        "except --no-progress, --workers and --eval-steps/--eval-alpha/--eval-limit")
+                        "except --no-progress, --workers, --eval-steps/--eval-alpha/--eval-limit and --monitor-tensorboard")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars or per-epoch lines")
 
 
