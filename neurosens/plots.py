@@ -201,3 +201,72 @@ def plot_intervention_curves(curves, path=None, title=None):
         # Below the axes, so that it hides neither a curve nor the no-intervention lines.
         ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.16), ncols=2, frameon=False)
     return _save(fig, path)
+
+
+def plot_monitor(runs, labels=None, path=None, title=None, log=True):
+    """Sensitivity while training: each layer's mean sensitivity on the probe against the training
+    step, beside the probe's robust (solid) and clean (dashed) accuracy.
+
+    ``runs`` is one run's monitor records (:attr:`neurosens.monitor.SensitivityMonitor.history`, or
+    the ``monitor`` entries of a run's metrics.jsonl), a list of such runs with ``labels``, or
+    ``{label: records}``. One run draws all its layers in one panel; several runs get one panel per
+    layer (up to 8, spread through the network), one color per run. Returns the Figure."""
+    if isinstance(runs, dict):
+        labels, runs = list(runs), list(runs.values())
+    elif runs and isinstance(runs[0], dict):
+        runs, labels = [runs], [labels] if isinstance(labels, str) else [None]
+    else:
+        labels = list(labels) if labels is not None else [f"run {i + 1}" for i in range(len(runs))]
+    if not runs or not all(runs):
+        raise ValueError("plot_monitor: a run has no monitor records to plot")
+    if len(labels) != len(runs):
+        raise ValueError(f"plot_monitor: {len(labels)} labels for {len(runs)} runs")
+    layers = list(dict.fromkeys(layer for records in runs for r in records for layer in r["sensitivity"]))
+    if len(runs) == 1:
+        panels = [None]
+    else:
+        step = max((len(layers) - 1) / 7, 1)
+        panels = list(dict.fromkeys(layers[round(i * step)] for i in range(min(8, len(layers)))))
+    count = len(panels) + 1
+    cols = min(3, count)
+    rows = math.ceil(count / cols)
+    fig = _figure(3.6 * cols + 0.4, 2.9 * rows + 0.5)
+    axes = fig.subplots(rows, cols, squeeze=False).ravel()
+    run_colors = [color for color, _ in _line_styles(len(runs))]
+    metric = "sensitivity (mean over neurons)"
+    for ax, panel in zip(axes, panels):
+        for color, label, records in zip(run_colors, labels, runs):
+            steps = [r["step"] for r in records]
+            if panel is None:
+                for layer, (layer_color, dash) in zip(layers, _line_styles(len(layers))):
+                    ax.plot(steps, [r["sensitivity"].get(layer, math.nan) for r in records], color=layer_color, ls=dash,
+                            marker=".", ms=3, label=layer)
+            else:
+                ax.plot(steps, [r["sensitivity"].get(panel, math.nan) for r in records], color=color, marker=".", ms=3,
+                        label=label)
+        ax.set_title("every layer" if panel is None else _wrap(panel), fontsize=9)
+        ax.set_ylabel(metric, fontsize=8)
+        if log:
+            ax.set_yscale("log")
+        ax.grid(alpha=0.3)
+        ax.tick_params(labelsize=7)
+        if panel is None or panel == panels[0]:
+            ax.legend(fontsize=7)
+    acc = axes[len(panels)]
+    for color, label, records in zip(run_colors, labels, runs):
+        steps = [r["step"] for r in records]
+        name = f"{label}: " if label else ""
+        acc.plot(steps, [r["robust"] for r in records], color=color, marker=".", ms=3, label=f"{name}robust")
+        acc.plot(steps, [r["clean"] for r in records], color=color, ls="--", alpha=0.7, label=f"{name}clean")
+    acc.set_title("probe accuracy", fontsize=9)
+    acc.set_ylabel("accuracy", fontsize=8)
+    acc.set_ylim(0, 1.02)
+    acc.grid(alpha=0.3)
+    acc.tick_params(labelsize=7)
+    acc.legend(fontsize=7)
+    for ax in axes[count:]:
+        ax.set_visible(False)
+    fig.supxlabel("training step", fontsize=9)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    return _save(fig, path)

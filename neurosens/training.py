@@ -31,12 +31,14 @@ from .data import make_loader
 from .env import default_device
 from .evaluation import evaluate
 from .methods import ALP_DISTANCES, METHODS, make_loss
+from .monitor import EPOCH, SensitivityMonitor, describe_record, monitor_records, tensorboard_writer, write_run_report
 from .outputs import check_logits
 from .sns import SNSConfig
 
 CHECKPOINT = "checkpoint.pt"
 FINAL = "model.pt"
 METRICS = "metrics.jsonl"
+TENSORBOARD = "tensorboard"
 
 
 @dataclasses.dataclass
@@ -51,7 +53,11 @@ class TrainConfig:
     :data:`~neurosens.sns.LAYER_PRESETS`; ``sns_refresh``: batches between selections, or "epoch").
     ``logits`` says where a model's output holds the logits, as a key or an index
     (:mod:`neurosens.outputs`; a callable does not fit in the run's JSON config: give it to the
-    attack of a ``loss_fn`` of your own)."""
+    attack of a ``loss_fn`` of your own). ``monitor`` > 0 measures sensitivity while training
+    (:class:`~neurosens.monitor.SensitivityMonitor`) on the first ``monitor`` test images before
+    training, every ``monitor_every`` steps (0: none between) and at every epoch end, attacked by
+    the evaluation's PGD (eps, ``eval_alpha``) with ``monitor_steps`` steps (default: ``eval_steps``);
+    ``monitor_tensorboard`` also logs the records to ``<out_dir>/tensorboard``."""
 
     method: str = "standard"
     epochs: int = 10
@@ -93,12 +99,16 @@ class TrainConfig:
     num_workers: int = 0
     progress: bool = True
     logits: object = None
+    monitor: int = 0
+    monitor_every: int = 0
+    monitor_steps: int = None
+    monitor_tensorboard: bool = False
 
     OPTIMIZERS = ("sgd", "adam")
     SCHEDULES = ("cosine", "step", "constant")
     #: Options a resumed run may change: they do not touch what is trained or in which order (the
     #: per-epoch evaluation draws from its own copy of the RNG state).
-    RESUMABLE_CHANGES = ("progress", "num_workers", "eval_steps", "eval_alpha", "eval_limit")
+    RESUMABLE_CHANGES = ("progress", "num_workers", "eval_steps", "eval_alpha", "eval_limit", "monitor_tensorboard")
 
     def __post_init__(self):
         if self.method not in METHODS:
@@ -120,6 +130,7 @@ class TrainConfig:
             raise ValueError(f"alp_distance={self.alp_distance!r} is unknown; expected one of {', '.join(ALP_DISTANCES)}")
         if self.eval_limit < 0:
             raise ValueError(f"eval_limit={self.eval_limit!r}: must be >= 0")
+        self._check_monitor()
         self.milestones = tuple(float(m) for m in self.milestones)
         if not all(0 < m < 1 for m in self.milestones):
             raise ValueError(f"milestones={list(self.milestones)}: each must be a fraction of the run in (0, 1)")
@@ -129,6 +140,19 @@ class TrainConfig:
         if isinstance(self.sns_layers, tuple):
             self.sns_layers = list(self.sns_layers)
         self.sns_config().check("TrainConfig", prefix="sns_", per_epoch=True)
+
+    def _check_monitor(self):
+        for name in ("monitor", "monitor_every"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name}={getattr(self, name)!r}: must be >= 0")
+        if self.monitor_steps is not None and self.monitor_steps < 1:
+            raise ValueError(f"monitor_steps={self.monitor_steps!r}: must be >= 1")
+        if self.monitor == 0:
+            given = [name for name in ("monitor_every", "monitor_steps", "monitor_tensorboard")
+                     if getattr(self, name) not in (0, None, False)]
+            if given:
+                raise ValueError(f"{given[0]}={getattr(self, given[0])!r} needs monitor > 0, the number of test images "
+                                 "the monitor probes")
 
     def sns_config(self, steps_per_epoch=None):
         """The ``sns_*`` fields as an :class:`~neurosens.sns.SNSConfig`; ``refresh="epoch"`` becomes
@@ -214,6 +238,7 @@ class Trainer:
         self.attack = PGD(self.model, cfg.eps, cfg.alpha, cfg.steps, cfg.norm, logits=cfg.logits)
         self._alpha = self.attack.alpha
         self.eval_attack = PGD(self.model, cfg.eps, cfg.eval_alpha, cfg.eval_steps, cfg.norm, logits=cfg.logits)
+        self.monitor = self._make_monitor()
 
         params = self.model.parameters()
         if cfg.optimizer == "sgd":
@@ -224,6 +249,26 @@ class Trainer:
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp)
         self.epoch = 0
         self.history = []
+
+    def _make_monitor(self):
+        """The run's :class:`SensitivityMonitor` (None when ``config.monitor`` is 0), checked before any training."""
+        cfg = self.config
+        if cfg.monitor == 0:
+            return None
+        if self.test_set is None:
+            raise ValueError(f"monitor={cfg.monitor}: the monitor probes test images, and this run has no test set")
+        if cfg.monitor > len(self.test_set):
+            raise ValueError(f"monitor={cfg.monitor}: the test set has only {len(self.test_set)} images")
+        writer = None
+        if cfg.monitor_tensorboard:
+            if self.out_dir is None:
+                raise ValueError("monitor_tensorboard=True needs an out_dir to write the TensorBoard logs into")
+            writer = tensorboard_writer(self.out_dir / TENSORBOARD) if self.rank == 0 else None
+        probe = make_loader(Subset(self.test_set, range(cfg.monitor)), cfg.monitor)
+        attack = PGD(self.model, cfg.eps, cfg.eval_alpha, cfg.monitor_steps or cfg.eval_steps, cfg.norm, logits=cfg.logits)
+        return SensitivityMonitor(self.model, probe, attack, every=[cfg.monitor_every, EPOCH] if cfg.monitor_every else EPOCH,
+                                  batch_size=max(cfg.batch_size // self.world, 1), seed=cfg.seed, logits=cfg.logits,
+                                  writer=writer)
 
     def _lr_factor(self, step):
         cfg, total = self.config, self.config.epochs * self.steps_per_epoch
@@ -267,6 +312,8 @@ class Trainer:
             self.scaler.update()
             self.scheduler.step()
             count += 1
+            if self.monitor is not None:
+                self.monitor.step()
             sums["loss"] += loss.item() * len(y)
             for k, v in logs.items():
                 sums[k] += float(v) * len(y)
@@ -310,7 +357,9 @@ class Trainer:
     def resume_conflicts(self, state):
         """What differs between this run and the checkpoint ``state`` of the run it would continue,
         as ``"name: old -> new"`` lines (options in :attr:`TrainConfig.RESUMABLE_CHANGES` may differ)."""
-        old, new = dict(state.get("config") or {}), self.config.to_dict()
+        # An option the checkpoint's run predates had its default there.
+        old = TrainConfig().to_dict() | dict(state.get("config") or {})
+        new = self.config.to_dict()
         lines = [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in sorted(set(old) | set(new))
                  if k not in TrainConfig.RESUMABLE_CHANGES and old.get(k) != new.get(k)]
         lines += _differences(state.get("meta") or {}, self.meta, "meta")
@@ -333,6 +382,11 @@ class Trainer:
         self.scheduler.load_state_dict(state["scheduler"])
         self.scaler.load_state_dict(state["scaler"])
         self.epoch, self.history = state["epoch"], list(state["history"])
+        if self.monitor is not None:
+            # The records of the epochs the checkpoint holds; those of an epoch it lost are measured again.
+            steps = self.epoch * self.steps_per_epoch
+            self.monitor.load_state_dict({"steps": steps, "epochs": self.epoch, "epoch_end_step": steps,
+                                          "history": monitor_records(self.history)})
         if state.get("loss_state") is not None:
             self.loss_fn.load_state_dict(state["loss_state"])
         set_rng_state(state["rng"][self.rank])
@@ -364,20 +418,32 @@ class Trainer:
             self._write_metrics()
             (self.out_dir / "config.json").write_text(json.dumps({"config": cfg.to_dict(), "meta": self.meta}, indent=2))
         last = cfg.epochs if until is None else min(until, cfg.epochs)
+        if self.monitor is not None and self.epoch == 0 and self.epoch < last:
+            self.monitor.measure()
         while self.epoch < last:
             started = time.perf_counter()
             metrics = {"epoch": self.epoch + 1, "lr": self.optimizer.param_groups[0]["lr"]}
             metrics |= self.train_epoch()
+            if self.monitor is not None:
+                self.monitor.epoch_end()
+                records = self.monitor.history[len(monitor_records(self.history)):]
+                metrics["monitor"] = records
+                metrics["monitor_s"] = sum(r["seconds"] for r in records)
             metrics["train_s"] = time.perf_counter() - started
             metrics |= self.evaluate()
             metrics["epoch_s"] = time.perf_counter() - started
             self.epoch += 1
             self.history.append(metrics)
             if self.rank == 0 and cfg.progress:
-                tqdm.write(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items()))
+                tqdm.write(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items()
+                                    if k != "monitor"))
+                if self.monitor is not None:
+                    tqdm.write(describe_record(self.monitor.history[-1]))
             self._write(CHECKPOINT, self.state_dict())
             self._write_metrics()
         if self.epoch >= cfg.epochs:
             self._write(FINAL, {"model": self.model.state_dict(), "meta": self.meta, "config": cfg.to_dict(),
                                 "history": self.history})
+        if self.monitor is not None and self.rank == 0 and self.out_dir is not None:
+            write_run_report(self.out_dir, {"config": cfg.to_dict(), "meta": self.meta}, self.history)
         return self.history

@@ -52,6 +52,18 @@ def add_arguments(parser):
     parser.add_argument("--eval-steps", type=positive_int, default=d.eval_steps, help=f"PGD steps of the per-epoch evaluation (default: {d.eval_steps})")
     parser.add_argument("--eval-alpha", type=positive, help="its step size (default: 2.5 * eps / eval-steps)")
     parser.add_argument("--eval-limit", type=count_or_zero, default=d.eval_limit, help=f"test images evaluated each epoch (default: {d.eval_limit})")
+    monitor = parser.add_argument_group("sensitivity while training (--monitor N)")
+    monitor.add_argument("--monitor", type=count_or_zero, default=d.monitor, metavar="N",
+                         help="measure per-layer sensitivity and clean/PGD accuracy on the first N test images before training, "
+                              "at every epoch end and every --monitor-every steps; records go to metrics.jsonl, the figure "
+                              "and report.html to OUT (default: 0, off)")
+    monitor.add_argument("--monitor-every", type=count_or_zero, default=d.monitor_every, metavar="STEPS",
+                         help="also measure every STEPS training steps (default: 0, only at epoch ends)")
+    monitor.add_argument("--monitor-steps", type=positive_int, metavar="K",
+                         help="PGD steps of the monitor's attack, whose eps and step size are the evaluation's "
+                              "(default: --eval-steps)")
+    monitor.add_argument("--monitor-tensorboard", action="store_true",
+                         help="also log the records to OUT/tensorboard (needs the tensorboard package)")
     parser.add_argument("--amp", action="store_true", help="mixed precision (CUDA only)")
     parser.add_argument("--channels-last", action="store_true", help="channels_last memory format")
     parser.add_argument("--seed", type=int, default=d.seed, help=f"(default: {d.seed})")
@@ -60,7 +72,7 @@ def add_arguments(parser):
     parser.add_argument("--device", type=device, help="cpu, cuda or cuda:N (default: cuda when available)")
     parser.add_argument("--out", type=out_dir, required=True, help="run folder: checkpoint.pt, metrics.jsonl, model.pt")
     parser.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt when it exists; the options must be the run's, "
-                        "except --no-progress, --workers and --eval-steps/--eval-alpha/--eval-limit")
+                        "except --no-progress, --workers, --eval-steps/--eval-alpha/--eval-limit and --monitor-tensorboard")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars or per-epoch lines")
 
 
@@ -86,16 +98,19 @@ def run(args):
 
     from .. import data as datasets
     from ..models import build_model
+    from ..monitor import require_tensorboard
     from ..sns import LAYER_PRESETS
     from ..training import Trainer, TrainConfig, init_distributed, seed_everything
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    rank, _ = init_distributed()
     # Every option of a run is the flag of the same name, except these spellings of the command line.
     given = vars(args) | {"milestones": tuple(args.milestones), "num_workers": args.workers, "progress": not args.no_progress,
                           "sns_layers": args.sns_layers if args.sns_layers in LAYER_PRESETS else args.sns_layers.split(",")}
     config = TrainConfig(**{f.name: given[f.name] for f in dataclasses.fields(TrainConfig) if f.name in given})
+    if config.monitor_tensorboard:
+        require_tensorboard()  # before any data is read
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    rank, _ = init_distributed()
     train_set = datasets.load(args.data, train=True, root=args.root)
     test_set = datasets.load(args.data, train=False, root=args.root)
     if args.train_limit:
