@@ -68,10 +68,11 @@ def plot_layer_means(reports, labels=None, path=None, log=None, title="Mean neur
     banded = False
     for label, report in zip(labels, reports):
         means = report.layer_means()
-        line, = ax.plot(range(len(layers)), [means.get(name, math.nan) for name in layers], marker="o", ms=4, label=label)
+        means = [means.get(name, math.nan) for name in layers]
+        line, = ax.plot(range(len(layers)), means, marker="o", ms=4, label=label)
         if band and report.layer_stderr is not None:
-            stderr = [report.layer_stderr.get(name, math.nan) for name in layers]
-            _band(ax, range(len(layers)), [means.get(name, math.nan) for name in layers], stderr, line.get_color())
+            _band(ax, range(len(layers)), means, [report.layer_stderr.get(name, math.nan) for name in layers],
+                  line.get_color())
             banded = True
     if banded:
         title += "\n(shaded: 95% interval of each mean)"

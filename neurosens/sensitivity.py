@@ -7,8 +7,9 @@ adversarial halves and reduces them at once with :func:`neurosens.ops.neuron_dis
 folded into per-neuron running sums and dropped, so no activation outlives its hook and memory is
 O(total neurons), whatever the size of the data set. Besides the sums it keeps what the report's
 uncertainty needs: per-neuron sums of squares (standard errors), the sums of the samples at even
-and odd positions of the stream apart (split-half rankings) and the sum of squares of each
-sample's layer mean (the standard error of a layer's mean). Under ``torch.distributed`` all of it
+and odd positions of the stream apart (split-half rankings; under ``torch.distributed``, positions
+in each rank's own stream) and the sum of squares of each sample's layer mean (the standard error
+of a layer's mean). Under ``torch.distributed`` all of it
 is added over the ranks in :meth:`NeuronSensitivity.compute`, so every rank gets the same report.
 """
 import types
