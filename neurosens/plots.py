@@ -8,7 +8,7 @@ import os
 
 import torch
 
-from .report import as_reports, ensure_parent, union_layers
+from .report import Z95, as_reports, ensure_parent, union_layers
 
 
 def _figure(width, height):
@@ -52,11 +52,12 @@ def _metric_label(reports):
     return f"sensitivity, {metric}{relative}"
 
 
-def plot_layer_means(reports, labels=None, path=None, log=None, title="Mean neuron sensitivity per layer"):
+def plot_layer_means(reports, labels=None, path=None, log=None, title="Mean neuron sensitivity per layer", band=True):
     """Per-layer mean sensitivity, one line per model, layers in network order. Returns the Figure.
 
     ``log=None`` picks a log axis when the values span more than 20x, so that robust models do not
-    flatten against a standard one."""
+    flatten against a standard one. ``band=True`` shades the 95% interval of each mean (mean -+
+    1.96 standard errors) for the reports that carry standard errors, and the title says so."""
     reports, labels = as_reports(reports, labels)
     layers = union_layers(reports)
     if log is None:
@@ -64,9 +65,17 @@ def plot_layer_means(reports, labels=None, path=None, log=None, title="Mean neur
         log = bool(values) and max(values) > 20 * min(values)
     fig = _figure(max(6.0, 0.32 * len(layers) + 2.5), 4.2)
     ax = fig.subplots()
+    banded = False
     for label, report in zip(labels, reports):
         means = report.layer_means()
-        ax.plot(range(len(layers)), [means.get(name, math.nan) for name in layers], marker="o", ms=4, label=label)
+        means = [means.get(name, math.nan) for name in layers]
+        line, = ax.plot(range(len(layers)), means, marker="o", ms=4, label=label)
+        if band and report.layer_stderr is not None:
+            _band(ax, range(len(layers)), means, [report.layer_stderr.get(name, math.nan) for name in layers],
+                  line.get_color())
+            banded = True
+    if banded:
+        title += "\n(shaded: 95% interval of each mean)"
     ax.set_xticks(range(len(layers)), layers, rotation=60, ha="right", fontsize=8)
     ax.set_ylabel(_metric_label(reports))
     ax.set_xlabel("layer")
@@ -127,10 +136,12 @@ def plot_histograms(reports, labels=None, layers=None, path=None, bins=30):
     return _save(fig, path)
 
 
-def plot_sorted(reports, labels=None, layers=None, path=None, log=True):
+def plot_sorted(reports, labels=None, layers=None, path=None, log=True, band=True):
     """Sorted sensitivity curves: each layer's neurons from most to least sensitive, against their
     rank as a fraction of the layer, so layers of any width share the axis; one panel per model.
-    Every layer keeps its own color and dash and its name in the legend."""
+    Every layer keeps its own color and dash and its name in the legend. ``band=True`` shades each
+    neuron's 95% interval (-+ 1.96 standard errors) around the curves of reports that carry
+    standard errors, and the panel's title says so."""
     reports, labels = as_reports(reports, labels)
     layers = _pick_layers(reports, layers, most=len(union_layers(reports)))
     columns = math.ceil(len(layers) / 22)
@@ -142,11 +153,14 @@ def plot_sorted(reports, labels=None, layers=None, path=None, log=True):
         for layer in layers:
             if layer not in report:
                 continue
-            v = torch.sort(report[layer], descending=True).values
+            v, order = torch.sort(report[layer], descending=True, stable=True)
             x = (torch.arange(v.numel(), dtype=torch.float64) + 0.5) / v.numel()
             color, dash = styles[layer]
             handles[layer], = ax.plot(x.numpy(), v.numpy(), color=color, ls=dash, lw=1.2, label=layer)
-        ax.set_title(label)
+            if band and report.stderr is not None:
+                _band(ax, x.tolist(), v.tolist(), report.stderr[layer][order].tolist(), color)
+        banded = band and report.stderr is not None
+        ax.set_title(label + ("\n(shaded: 95% interval of each neuron)" if banded else ""))
         ax.set_xlabel("neuron rank (fraction of layer)")
         ax.grid(alpha=0.3)
         if log:
@@ -156,6 +170,13 @@ def plot_sorted(reports, labels=None, layers=None, path=None, log=True):
     fig.legend([handles[layer] for layer in shown], shown, loc="outside right upper", fontsize=7, ncols=columns,
                title="layer", title_fontsize=8)
     return _save(fig, path)
+
+
+def _band(ax, x, means, stderr, color):
+    """Shade mean -+ Z95 * stderr (95% normal intervals) behind a line of means."""
+    low = [m - Z95 * e for m, e in zip(means, stderr)]
+    high = [m + Z95 * e for m, e in zip(means, stderr)]
+    ax.fill_between(list(x), low, high, color=color, alpha=0.18, lw=0)
 
 
 def save_plots(reports, out_dir, labels=None, prefix=""):

@@ -1,8 +1,11 @@
-"""Sensitivity reports: rankings, per-layer means, JSON/CSV files and comparisons (plots: :mod:`neurosens.plots`)."""
+"""Sensitivity reports: rankings, per-layer means, their uncertainty, JSON/CSV files and comparisons
+(plots: :mod:`neurosens.plots`)."""
 import csv
 import json
 import math
 import os
+from statistics import NormalDist
+from typing import NamedTuple
 
 import torch
 
@@ -10,15 +13,37 @@ from .selection import ranks, resolve_k, topk
 
 FORMAT = "neurosens.sensitivity/1"
 
+#: z of a two-sided 95% normal interval: mean +- Z95 * standard error.
+Z95 = NormalDist().inv_cdf(0.975)
+
+
+class TopKInterval(NamedTuple):
+    """Top-k neurons with the normal interval of each one's mean sensitivity: ``low`` and ``high``
+    are ``values -+ z * stderr``."""
+
+    values: torch.Tensor
+    indices: torch.Tensor
+    stderr: torch.Tensor
+    low: torch.Tensor
+    high: torch.Tensor
+
 
 class SensitivityReport:
     """Per-layer, per-neuron sensitivity (``report[layer]`` is a float64 [C] tensor) plus metadata.
 
     ``meta`` holds what produced it: ``metric``, ``relative``, ``samples``, ``model``, ``attack``,
     per-layer output ``shape`` under ``layers``, and anything the caller adds.
+
+    The uncertainty of the means, which :class:`~neurosens.sensitivity.NeuronSensitivity` records
+    and reports saved before it did lack (each is then None, and what needs it says so):
+    ``stderr`` (``{layer: [C]}``, each neuron's standard error of the mean: sample standard
+    deviation over the samples / sqrt(samples)), ``layer_stderr`` (``{layer: float}``, the standard
+    error of the layer's mean over its neurons, from each sample's mean over the neurons) and
+    ``halves`` (``{layer: [2, C]}``, the mean sensitivities over the samples at even and at odd
+    positions of the measured stream, for :meth:`split_half_overlap`).
     """
 
-    def __init__(self, sensitivity, meta=None):
+    def __init__(self, sensitivity, meta=None, stderr=None, layer_stderr=None, halves=None):
         if not sensitivity:
             raise ValueError("SensitivityReport: no layers")
         self.sensitivity = {}
@@ -28,6 +53,37 @@ class SensitivityReport:
                 raise ValueError(f"SensitivityReport: layer {name!r} needs a non-empty 1-D tensor of neurons, got shape {list(values.shape)}")
             self.sensitivity[name] = values
         self.meta = dict(meta or {})
+        self.stderr = self._per_layer(stderr, "stderr", lambda c: [c])
+        self.layer_stderr = self._per_layer(layer_stderr, "layer_stderr", lambda c: [])
+        self.halves = self._per_layer(halves, "halves", lambda c: [2, c])
+
+    def _per_layer(self, given, field, shape_of):
+        """``given`` as ``{layer: float64 tensor}`` (a float for 0-d shapes) of the shape ``shape_of(neurons)``,
+        with exactly the report's layers; None stays None."""
+        if given is None:
+            return None
+        if not isinstance(given, dict) or list(given) != self.layers:
+            got = list(given) if isinstance(given, dict) else type(given).__name__
+            raise ValueError(f"SensitivityReport: {field} must give the report's layers {self.layers} in order, got {got}")
+        out = {}
+        for name, values in given.items():
+            shape = shape_of(self.sensitivity[name].numel())
+            try:
+                values = torch.as_tensor(values, dtype=torch.float64).detach().cpu()
+            except (TypeError, ValueError, RuntimeError) as err:
+                raise ValueError(f"SensitivityReport: {field}[{name!r}] is not numbers of shape {shape} ({err})") from None
+            if list(values.shape) != shape:
+                raise ValueError(f"SensitivityReport: {field}[{name!r}] has shape {list(values.shape)}, expected {shape}")
+            out[name] = values.item() if not shape else values
+        return out
+
+    def _require(self, field, where):
+        """The uncertainty ``field``, or one error saying that this report does not carry it."""
+        value = getattr(self, field)
+        if value is None:
+            raise ValueError(f"{where}: this report has no {field} (saved without it, by an earlier neurosens or by "
+                             "hand); measure the model again to get it")
+        return value
 
     @property
     def layers(self):
@@ -54,13 +110,22 @@ class SensitivityReport:
             raise KeyError(f"SensitivityReport: no layer {layer!r}; it has {', '.join(self.sensitivity)}")
         return layer
 
-    def topk(self, layer, k=0.1, largest=True):
+    def topk(self, layer, k=0.1, largest=True, intervals=False, z=Z95):
         """The ``k`` (count or fraction; default 10%) most sensitive neurons of ``layer``, most first.
 
-        Ties are broken by the lower neuron index, so rankings are reproducible.
+        Ties are broken by the lower neuron index, so rankings are reproducible. Returns
+        ``TopK(values, indices)``; with ``intervals=True`` a :class:`TopKInterval` that adds each
+        neuron's standard error and the interval ``values -+ z * stderr`` (default z: 95%, 1.96).
         """
+        where = f"SensitivityReport.topk({layer!r})"
         values = self[layer]
-        return topk(values, resolve_k(k, values.numel(), f"SensitivityReport.topk({layer!r})"), largest)
+        if intervals and (isinstance(z, bool) or not isinstance(z, (int, float)) or not 0 < z < math.inf):
+            raise ValueError(f"{where}: z={z!r} must be a positive number (1.96 for a 95% interval)")
+        chosen = topk(values, resolve_k(k, values.numel(), where), largest)
+        if not intervals:
+            return chosen
+        stderr = self._require("stderr", where)[layer][chosen.indices]
+        return TopKInterval(chosen.values, chosen.indices, stderr, chosen.values - z * stderr, chosen.values + z * stderr)
 
     def bottomk(self, layer, k=0.1):
         """The ``k`` least sensitive neurons of ``layer``, least first."""
@@ -70,21 +135,51 @@ class SensitivityReport:
         """``{layer: mean sensitivity over its neurons}`` in layer order."""
         return {name: v.mean().item() for name, v in self.sensitivity.items()}
 
-    def table(self):
-        """A markdown table of each layer's neurons, mean, median and max sensitivity."""
-        lines = ["| layer | neurons | mean | median | max |", "|---|---:|---:|---:|---:|"]
+    def split_half_overlap(self, k=0.1):
+        """``{layer: overlap}``: the fraction of the ``k`` (count or fraction, as in :meth:`topk`)
+        most sensitive neurons of each layer that both halves of the data (the samples at even and
+        at odd positions of the measured stream) rank in their top ``k``. 1 is a ranking the data
+        agree on; random rankings give k / neurons on average. NaN for a layer with an empty half
+        (fewer than two samples)."""
+        halves = self._require("halves", "SensitivityReport.split_half_overlap")
+        out = {}
+        for name, (first, second) in halves.items():
+            count = resolve_k(k, first.numel(), f"SensitivityReport.split_half_overlap, layer {name!r}")
+            out[name] = math.nan if first.isnan().all() or second.isnan().all() else _overlap(first, second, count)
+        return out
+
+    def table(self, k=0.1):
+        """A markdown table of each layer's neurons, mean, median and max sensitivity; a report
+        that carries its uncertainty adds the standard error of the layer mean, each neuron's median
+        standard error and the split-half overlap of the top ``k`` (see :meth:`split_half_overlap`)."""
+        header = ["layer", "neurons", "mean", "median", "max"]
+        uncertain = self.stderr is not None and self.layer_stderr is not None and self.halves is not None
+        if uncertain:
+            overlaps = self.split_half_overlap(k)
+            header += ["stderr of mean", "median neuron stderr", f"split-half top-{_k_label(k)} overlap"]
+        lines = ["| " + " | ".join(header) + " |", "|---" + "|---:" * (len(header) - 1) + "|"]
         for name, v in self.sensitivity.items():
-            lines.append(f"| {name} | {v.numel()} | {v.mean().item():.4g} | {v.median().item():.4g} | {v.max().item():.4g} |")
+            cells = [name, str(v.numel()), f"{v.mean().item():.4g}", f"{v.median().item():.4g}", f"{v.max().item():.4g}"]
+            if uncertain:
+                cells += [f"{self.layer_stderr[name]:.2g}", f"{self.stderr[name].median().item():.2g}",
+                          f"{overlaps[name]:.2f}"]
+            lines.append("| " + " | ".join(cells) + " |")
         return "\n".join(lines)
 
     def to_dict(self):
         """The report as plain data; NaN and infinities are the strings "NaN", "Infinity" and
-        "-Infinity", so that the JSON is strict."""
-        return {
+        "-Infinity", so that the JSON is strict. ``stderr``, ``layer_stderr`` and ``halves`` are
+        written when the report has them."""
+        data = {
             "format": FORMAT,
             "meta": _encode(self.meta),
             "sensitivity": {name: _encode(v.tolist()) for name, v in self.sensitivity.items()},
         }
+        for field in UNCERTAINTY:
+            value = getattr(self, field)
+            if value is not None:
+                data[field] = {name: _encode(v if isinstance(v, float) else v.tolist()) for name, v in value.items()}
+        return data
 
     @classmethod
     def from_dict(cls, data):
@@ -100,13 +195,16 @@ class SensitivityReport:
         layers = data.get("sensitivity")
         if not isinstance(layers, dict):
             raise ValueError(f"{where}: 'sensitivity' must be an object of layer -> list of numbers, got {type(layers).__name__}")
-        sensitivity = {}
-        for name, values in layers.items():
-            field = f"sensitivity[{name!r}]"
-            if not isinstance(values, list):
-                raise ValueError(f"{where}: {field} must be a list of numbers, got {type(values).__name__}")
-            sensitivity[name] = [_number(v, f"{where}: {field}[{i}]") for i, v in enumerate(values)]
-        return cls(sensitivity, _decode(meta))
+        sensitivity = {name: _numbers(values, f"{where}: sensitivity[{name!r}]") for name, values in layers.items()}
+        extra = {}
+        for field in UNCERTAINTY:
+            if data.get(field) is None:
+                continue  # files written before the uncertainty was recorded
+            value = data[field]
+            if not isinstance(value, dict):
+                raise ValueError(f"{where}: {field!r} must be an object of layer -> numbers, got {type(value).__name__}")
+            extra[field] = {name: _numbers(v, f"{where}: {field}[{name!r}]", UNCERTAINTY[field]) for name, v in value.items()}
+        return cls(sensitivity, _decode(meta), **extra)
 
     def to_json(self, path=None):
         """The report as strict JSON text (floats round-trip exactly); also written to ``path`` if given."""
@@ -131,15 +229,58 @@ class SensitivityReport:
         return cls.from_dict(data)
 
     def to_csv(self, path):
-        """One row per neuron: layer, neuron, sensitivity, rank (1 = most sensitive in its layer)."""
+        """One row per neuron: layer, neuron, sensitivity, rank (1 = most sensitive in its layer),
+        and its standard error when the report has them."""
         ensure_parent(path)
         with open(path, "w", newline="") as f:
             out = csv.writer(f)
-            out.writerow(["layer", "neuron", "sensitivity", "rank"])
+            out.writerow(["layer", "neuron", "sensitivity", "rank"] + (["stderr"] if self.stderr is not None else []))
             for name, v in self.sensitivity.items():
-                for neuron, (value, r) in enumerate(zip(v.tolist(), ranks(v).tolist())):
-                    out.writerow([name, neuron, repr(value), r])
+                stderr = [[repr(e)] for e in self.stderr[name].tolist()] if self.stderr is not None else [[]] * v.numel()
+                for neuron, (value, r, e) in enumerate(zip(v.tolist(), ranks(v).tolist(), stderr)):
+                    out.writerow([name, neuron, repr(value), r] + e)
         return path
+
+
+#: The optional uncertainty fields of a report, in the order files hold them, and how deep their
+#: per-layer lists nest.
+UNCERTAINTY = {"stderr": 1, "layer_stderr": 0, "halves": 2}
+
+
+def _k_label(k):
+    """``k`` as a column heading: ``10%`` for a fraction, ``5`` for a count."""
+    return f"{100 * k:g}%" if isinstance(k, float) else str(k)
+
+
+def _overlap(first, second, k):
+    """The fraction of the top ``k`` of ``first`` that is also in the top ``k`` of ``second``."""
+    shared = set(topk(first, k).indices.tolist()) & set(topk(second, k).indices.tolist())
+    return len(shared) / k
+
+
+def topk_overlap(report_a, report_b, k=0.1):
+    """``{layer: overlap}``: the fraction of each layer's ``k`` (count or fraction, as in
+    :meth:`SensitivityReport.topk`) most sensitive neurons that two reports share, e.g. two
+    measurements of one model under attacks with different seeds. The reports must have the same
+    metric, layers and neurons. 1 is the same top-k set; random rankings give k / neurons on average."""
+    where = "topk_overlap"
+    if not isinstance(report_a, SensitivityReport) or not isinstance(report_b, SensitivityReport):
+        raise TypeError(f"{where}: expected two SensitivityReports, got {type(report_a).__name__} and {type(report_b).__name__}")
+    metrics = (report_a.meta.get("metric"), report_b.meta.get("metric"))
+    if metrics[0] != metrics[1]:
+        raise ValueError(f"{where}: the reports use different metrics ({metrics[0]} and {metrics[1]})")
+    if report_a.layers != report_b.layers:
+        only_a = [n for n in report_a.layers if n not in report_b]
+        only_b = [n for n in report_b.layers if n not in report_a]
+        raise ValueError(f"{where}: the reports have different layers (only in the first: {only_a or 'none'}; "
+                         f"only in the second: {only_b or 'none'}; or another order)")
+    out = {}
+    for name in report_a.layers:
+        a, b = report_a[name], report_b[name]
+        if a.numel() != b.numel():
+            raise ValueError(f"{where}: layer {name!r} has {a.numel()} neurons in the first report and {b.numel()} in the second")
+        out[name] = _overlap(a, b, resolve_k(k, a.numel(), f"{where}, layer {name!r}"))
+    return out
 
 
 _NON_FINITE = {"NaN": math.nan, "Infinity": math.inf, "-Infinity": -math.inf}
@@ -165,6 +306,16 @@ def _decode(value):
     if isinstance(value, list):
         return [_decode(v) for v in value]
     return value
+
+
+def _numbers(values, field, depth=1):
+    """Sensitivities read from JSON: lists nested ``depth`` deep (0: one number), each number
+    checked by :func:`_number`."""
+    if depth == 0:
+        return _number(values, field)
+    if not isinstance(values, list):
+        raise ValueError(f"{field} must be a list of {'numbers' if depth == 1 else 'lists'}, got {type(values).__name__}")
+    return [_numbers(v, f"{field}[{i}]", depth - 1) for i, v in enumerate(values)]
 
 
 def _number(value, field):

@@ -2,10 +2,15 @@
 
 For each batch the model runs once, in eval mode and without gradients, on the concatenated
 batch ``[x; x_adv]``. Each chosen layer's forward hook splits its output into the benign and
-adversarial halves and reduces them at once with :func:`neurosens.ops.neuron_distance` into
-per-neuron running sums, so no activation outlives its hook and memory is O(total neurons),
-whatever the size of the data set. Under ``torch.distributed`` the sums of all ranks are added
-in :meth:`NeuronSensitivity.compute`, so every rank gets the same report.
+adversarial halves and reduces them at once with :func:`neurosens.ops.neuron_distance_per_sample`
+(the same fused pass as :func:`neurosens.ops.neuron_distance`) into [N, C] distances, which are
+folded into per-neuron running sums and dropped, so no activation outlives its hook and memory is
+O(total neurons), whatever the size of the data set. Besides the sums it keeps what the report's
+uncertainty needs: per-neuron sums of squares (standard errors), the sums of the samples at even
+and odd positions of the stream apart (split-half rankings; under ``torch.distributed``, positions
+in each rank's own stream) and the sum of squares of each sample's layer mean (the standard error
+of a layer's mean). Under ``torch.distributed`` all of it
+is added over the ranks in :meth:`NeuronSensitivity.compute`, so every rank gets the same report.
 """
 import types
 
@@ -19,7 +24,7 @@ from .checks import check_metric
 from .env import model_device
 from .evaluation import hits
 from .outputs import check_logits, logits_of
-from .ops import neuron_distance
+from .ops import neuron_distance_per_sample
 from .report import SensitivityReport
 from .version import __version__
 
@@ -68,13 +73,12 @@ class NeuronSensitivity:
 
     def reset(self):
         """Forget every batch seen so far."""
-        self._sums = {}  # (layer, call index) -> float64 [C] running sum
+        self._sums = {}  # (layer, call index) -> running float64 statistics, see _moments
         self._shapes = {}  # (layer, call index) -> (per-sample output shape, neuron dim)
-        self._counts = {}  # (layer, call index) -> samples whose forward made that call
         self._samples = 0
         self._correct = torch.zeros(3, dtype=torch.float64)  # benign correct, adversarial correct, labelled samples
         self._calls = {}  # layer -> calls so far in the current forward
-        self._batch = {}  # (layer, call index) -> (partial sum, (shape, neuron dim)) of the current forward
+        self._batch = {}  # (layer, call index) -> (partial statistics, (shape, neuron dim)) of the current forward
 
     @property
     def samples(self):
@@ -96,8 +100,8 @@ class NeuronSensitivity:
                 f"layer {name!r}: output of shape {list(t.shape)} has {shape[cdim - 1]} neurons along dim {cdim}, "
                 f"earlier batches had {self._shapes[key][0][cdim - 1]}"
             )
-        partial = neuron_distance(t[:batch], t[batch:], self.metric, cdim, self.relative).sum.to(torch.float64)
-        self._batch[key] = (partial, (shape, cdim))
+        distances = neuron_distance_per_sample(t[:batch], t[batch:], self.metric, cdim, self.relative)
+        self._batch[key] = (_moments(distances.to(torch.float64), self._samples), (shape, cdim))
 
     @torch.no_grad()
     def _forward(self, x, x_adv, y):
@@ -119,10 +123,10 @@ class NeuronSensitivity:
         # Commit only once the whole batch succeeded, so a failing batch leaves everything untouched.
         for key, (partial, layout) in self._batch.items():
             if key in self._sums:
-                self._sums[key] += partial
-                self._counts[key] += batch
+                for field, value in partial.items():
+                    self._sums[key][field] += value
             else:
-                self._sums[key], self._shapes[key], self._counts[key] = partial, layout, batch
+                self._sums[key], self._shapes[key] = partial, layout
         self._samples += batch
         if correct is not None:
             self._correct += correct
@@ -153,10 +157,12 @@ class NeuronSensitivity:
         self._forward(x, x_adv.to(device=x.device, dtype=x.dtype), y)
 
     def _reduced(self):
-        """Sums, samples and correct counts, added over all ranks when torch.distributed is running."""
+        """Statistics (see :func:`_moments`), samples and correct counts, added over all ranks when
+        torch.distributed is running."""
         keys = list(self._sums)
+        sums = {k: {field: v.clone() for field, v in self._sums[k].items()} for k in keys}
         if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-            return keys, {k: self._sums[k].clone() for k in keys}, dict(self._counts), self._samples, self._correct.clone()
+            return keys, sums, self._samples, self._correct.clone()
         all_keys = [None] * dist.get_world_size()
         dist.all_gather_object(all_keys, keys)
         if any(other != keys for other in all_keys):
@@ -165,22 +171,19 @@ class NeuronSensitivity:
                 f"(this rank: {[f'{n}#{i}' for n, i in keys]}); every rank must see at least one batch"
             )
         device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
-        parts = [self._sums[k].to(device) for k in keys]
-        parts.append(torch.tensor([float(self._counts[k]) for k in keys] + [float(self._samples)], dtype=torch.float64,
-                                  device=device))
+        parts = [v.to(device).flatten() for k in keys for v in sums[k].values()]
+        parts.append(torch.tensor([float(self._samples)], dtype=torch.float64, device=device))
         parts.append(self._correct.to(device))
         flat = torch.cat(parts)
         dist.all_reduce(flat)
-        sums, offset = {}, 0
+        offset = 0
         for k in keys:
-            n = self._sums[k].numel()
-            sums[k] = flat[offset:offset + n].to(self._sums[k].device)
-            offset += n
-        counts = {k: int(round(flat[offset + i].item())) for i, k in enumerate(keys)}
-        offset += len(keys)
+            for field, v in sums[k].items():
+                sums[k][field] = flat[offset:offset + v.numel()].view_as(v).to(v.device)
+                offset += v.numel()
         samples = int(round(flat[offset].item()))
         correct = flat[offset + 1:].cpu()
-        return keys, sums, counts, samples, correct
+        return keys, sums, samples, correct
 
     def compute(self, meta=None):
         """The :class:`SensitivityReport` of everything seen so far (all ranks under torch.distributed).
@@ -189,14 +192,21 @@ class NeuronSensitivity:
         """
         if self._samples == 0:
             raise RuntimeError("NeuronSensitivity.compute: no batch seen yet; call update() first")
-        keys, sums, counts, samples, correct = self._reduced()
+        keys, sums, samples, correct = self._reduced()
         repeated = {name for name, i in keys if i > 0}
-        sensitivity, layer_info = {}, {}
+        sensitivity, stderr, layer_stderr, halves, layer_info = {}, {}, {}, {}, {}
         for name, i in keys:
             label = f"{name}#{i}" if name in repeated else name
-            sensitivity[label] = (sums[(name, i)] / counts[(name, i)]).cpu()
+            stats = {field: v.cpu() for field, v in sums[(name, i)].items()}
+            half_counts = [int(round(c)) for c in stats["count"].tolist()]
+            n = sum(half_counts)
+            total = stats["sum"].sum(0)
+            sensitivity[label] = total / n
+            stderr[label] = _standard_error(total, stats["square"], n)
+            layer_stderr[label] = _standard_error(total.mean().view(1), stats["layer_square"], n).item()
+            halves[label] = stats["sum"] / stats["count"].unsqueeze(1)
             shape, cdim = self._shapes[(name, i)]
-            layer_info[label] = {"shape": shape, "channel_dim": cdim, "samples": counts[(name, i)]}
+            layer_info[label] = {"shape": shape, "channel_dim": cdim, "samples": n, "half_samples": half_counts}
         info = {
             "model": type(unwrap(self.model)).__name__,
             "metric": self.metric,
@@ -209,7 +219,32 @@ class NeuronSensitivity:
             info["clean_accuracy"] = correct[0].item() / correct[2].item()
             info["adversarial_accuracy"] = correct[1].item() / correct[2].item()
         info.update(meta or {})
-        return SensitivityReport(sensitivity, info)
+        return SensitivityReport(sensitivity, info, stderr=stderr, layer_stderr=layer_stderr, halves=halves)
+
+
+def _moments(distances, start):
+    """The running statistics of one batch of [N, C] float64 distances whose first sample sits at
+    position ``start`` of the stream: ``sum`` [2, C] (samples at even and odd positions apart, the
+    two halves of a split-half ranking), ``count`` [2] (samples per half), ``square`` [C] (sums of
+    squares) and ``layer_square`` [1] (sum of squares of each sample's mean over the neurons)."""
+    half = (torch.arange(distances.shape[0], device=distances.device) + start) % 2
+    return {
+        "sum": distances.new_zeros(2, distances.shape[1]).index_add_(0, half, distances),
+        "count": torch.bincount(half, minlength=2).to(torch.float64),
+        "square": distances.square().sum(0),
+        "layer_square": distances.mean(1).square().sum(0, keepdim=True),
+    }
+
+
+def _standard_error(total, square, n):
+    """Standard error of the mean (sample standard deviation / sqrt(n)) from a sum and a sum of
+    squares over ``n`` samples; NaN below two samples, where the spread is undefined."""
+    if n < 2:
+        return torch.full_like(total, float("nan"))
+    mean = total / n
+    # Rounding can leave a constant neuron's variance a hair below zero.
+    variance = ((square - n * mean.square()) / (n - 1)).clamp_min(0)
+    return (variance / n).sqrt()
 
 
 def measure(

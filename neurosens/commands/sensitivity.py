@@ -47,11 +47,15 @@ def _print_summary(report, top):
           f"attack {report.meta['attack']}, metric {report.meta['metric']}")
     if "clean_accuracy" in report.meta:
         print(f"accuracy: clean {report.meta['clean_accuracy']:.4f}, adversarial {report.meta['adversarial_accuracy']:.4f}")
+    overlap = report.split_half_overlap(0.1)
     width = max(len("layer"), *(len(name) for name in report.layers))
-    print(f"{'layer':<{width}}  {'neurons':>7}  {'mean':>10}  {'max':>10}  most sensitive")
+    print(f"{'layer':<{width}}  {'neurons':>7}  {'mean':>10}  {'stderr':>8}  {'max':>10}  {'split-half':>10}  most sensitive")
     for name, values in report.sensitivity.items():
         listed = ", ".join(map(str, report.topk(name, min(top, values.numel())).indices.tolist()))
-        print(f"{name:<{width}}  {values.numel():>7}  {values.mean().item():>10.4g}  {values.max().item():>10.4g}  {listed}")
+        print(f"{name:<{width}}  {values.numel():>7}  {values.mean().item():>10.4g}  {report.layer_stderr[name]:>8.2g}  "
+              f"{values.max().item():>10.4g}  {overlap[name]:>10.2f}  {listed}")
+    print("stderr: standard error of the layer's mean; split-half: fraction of the layer's top 10% that the even- and "
+          "odd-numbered samples share")
 
 
 def run(args):
