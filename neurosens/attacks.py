@@ -333,6 +333,16 @@ class NeuronPGD(PGD):
         finally:
             self._benign = None
 
+    def objective(self, x, x_adv, y):
+        """The per-sample objective the attack ascends at ``x_adv``, for benign ``x`` and labels
+        ``y`` (the target, for a targeted attack), in eval mode and without gradients."""
+        with eval_mode(self.model), torch.no_grad():
+            _, self._benign = self._forward(x)
+            try:
+                return self._objective(x_adv, y)[1]
+            finally:
+                self._benign = None
+
 
 class FeaturePGD(NeuronPGD):
     """The pure-feature variant of :class:`NeuronPGD`: it ascends only ``weight`` times the

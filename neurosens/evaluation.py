@@ -58,7 +58,7 @@ def evaluate(model, loader, attacks=None, device=None, progress=False, distribut
 def survived_all(hits_by_name):
     """The fraction of samples right under every entry of ``{name: [n] bool}`` (a per-sample AND)."""
     stacked = torch.stack(list(hits_by_name.values()))
-    return stacked.all(0).float().mean().item() if stacked.shape[1] else 0.0
+    return stacked.all(0).sum().item() / max(stacked.shape[1], 1)
 
 
 def worst_case_attacks(model, eps, norm="linf", steps=40, alpha=None, num_classes=10, seed=0, logits=None,

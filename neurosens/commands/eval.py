@@ -155,7 +155,9 @@ def run(args):
     report = {"checkpoint": str(args.model), "data": data_name, "n": len(test_set), "eps": eps, "norm": args.norm,
               "steps": args.steps, "alpha": args.alpha, "restarts": args.restarts, "results": rows}
     if any(n in names for n in ("neuron-pgd", "feature-pgd")):
-        report["neuron"] = {**neuron, "loss": args.neuron_loss}
+        layers = args.neuron_layers
+        shown = layers if isinstance(layers, str) else [s if isinstance(s, str) else f"nn.{s.__name__}" for s in layers]
+        report["neuron"] = {**neuron, "layers": shown, "loss": args.neuron_loss}
     if args.worst_case:
         report["worst_case_over"] = list(hits)
     print(f"{data_name}, {len(test_set)} test images, {args.norm} eps={eps:g}")
