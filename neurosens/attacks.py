@@ -303,7 +303,7 @@ class NeuronPGD(PGD):
                                    "choose layers that run once per forward")
         return logits, {name: outs[0] for name, outs in outputs.items()}
 
-    def feature_term(self, outputs):
+    def _feature_term(self, outputs):
         """Per sample, the mean over layers of the mean distance of each layer's top-k neurons from
         their benign outputs (the neurons chosen on the whole batch)."""
         terms = []
@@ -322,7 +322,7 @@ class NeuronPGD(PGD):
 
     def _objective(self, x_adv, y):
         logits, outputs = self._forward(x_adv)
-        feature = self.weight * self.feature_term(outputs)
+        feature = self.weight * self._feature_term(outputs)
         return logits, feature if self.feature_only else self._loss(logits, y) + feature
 
     def _perturb(self, x, y):

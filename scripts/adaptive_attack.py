@@ -4,12 +4,12 @@ attack that knows SNS?
 Trains (when RUNS/mnist-METHOD-s0/model.pt is missing) a standard, a PGD-AT and an SNS small CNN
 at the reduced ablation budget (20,000 training images, 3 epochs, PGD-5 at eps 0.3, seed 0), then
 evaluates each on the first N test images (eps 0.3): clean, PGD-40 and CW-40 (step 0.01), the
-neuron-targeted PGD-40 (four settings: SNS's layers or its hidden layers only, weight 1 or 3), the
-feature-only PGD-40, AutoAttack, Square (1,000 queries), the per-sample worst case, and the
+neuron-targeted PGD-40 (six settings: SNS's layers or its hidden layers only; cross-entropy with
+weight 1 or 3, or the CW margin with weight 1), the feature-only PGD-40, AutoAttack, Square (1,000 queries), the per-sample worst case, and the
 gradient-masking checks. Every attack starts from seed 0. Writes RUNS/mnist-METHOD-s0/adaptive.json
 and prints the markdown tables of all finished methods.
 
-Usage: python scripts/adaptive_attack.py RUNS [--methods standard pgd_at sns] [-n 500] [--table-only]
+Usage (from the repository root): python scripts/adaptive_attack.py RUNS [--methods standard pgd_at sns] [-n 500] [--table-only]
 """
 import argparse
 import json
@@ -30,8 +30,9 @@ TRAIN = ["--arch", "small-cnn", "--data", "mnist", "--seed", "0", "--train-limit
          "--alpha", "0.1", "--steps", "5", "--epochs", "3", "--batch-size", "128", "--optimizer", "adam", "--lr", "1e-3",
          "--weight-decay", "0", "--eval-limit", "0", "--threads", "1", "--no-progress", "--resume"]
 #: The neuron-targeted settings: label -> make_attack options.
-NEURON = {f"neuron-pgd {layers} w{weight:g}": {"layers": layers, "weight": weight}
-          for layers in ("auto", "hidden") for weight in (1.0, 3.0)}
+NEURON = {**{f"neuron-pgd {layers} w{weight:g}": {"layers": layers, "weight": weight}
+             for layers in ("auto", "hidden") for weight in (1.0, 3.0)},
+          **{f"neuron-cw {layers} w1": {"layers": layers, "weight": 1.0, "loss": "cw"} for layers in ("auto", "hidden")}}
 #: The attacks of the worst case the study reports (the brief's: PGD-40, AutoAttack, the neuron-targeted one).
 WORST = ["pgd-40", "autoattack", *NEURON]
 
@@ -64,15 +65,23 @@ def study(out, samples):
     path = out / "model.pt"
     model = model_from_state(load_checkpoint(path), path, "cpu")
     loader = datasets.make_loader(datasets.load("mnist", train=False, root="data").first(samples), 500)
+    # Each attack's per-sample results are kept as they come, so an interrupted study goes on
+    # where it stopped and a new attack adds only its own run.
+    cache = out / "adaptive-hits.pt"
+    saved = torch.load(cache) if cache.exists() else {}
     hits, rows = {}, {}
     result = evaluate(model, loader, {}, per_sample=True)
     hits["clean"], rows["clean"] = result["hits"]["clean"], {"accuracy": result["clean"], "seconds": 0.0}
     for label, attack in attacks_for(model).items():
-        torch.manual_seed(0)
-        started = time.perf_counter()
-        result = evaluate(model, loader, {label: attack}, per_sample=True)
-        hits[label], rows[label] = result["hits"][label], {"accuracy": result[label], "seconds": time.perf_counter() - started}
-        print(f"{out.name} {label}: {100 * result[label]:.1f}%", flush=True)
+        if label not in saved:
+            torch.manual_seed(0)
+            started = time.perf_counter()
+            result = evaluate(model, loader, {label: attack}, per_sample=True)
+            saved[label] = {"hits": result["hits"][label], "seconds": time.perf_counter() - started}
+            torch.save(saved, cache)
+        hits[label] = saved[label]["hits"]
+        rows[label] = {"accuracy": hits[label].float().mean().item(), "seconds": saved[label]["seconds"]}
+        print(f"{out.name} {label}: {100 * rows[label]['accuracy']:.1f}% ({rows[label]['seconds']:.0f} s)", flush=True)
     worst = {"clean": hits["clean"], **{label: hits[label] for label in WORST}}
     rows["worst"] = {"accuracy": survived_all(worst), "over": WORST}
     rows["worst-all"] = {"accuracy": survived_all(hits), "over": [label for label in hits if label != "clean"]}
