@@ -8,7 +8,7 @@ import torch
 import torch.distributed as dist
 from tqdm.auto import tqdm
 
-from .attacks import PIXELS, make_attack, require_torchattacks
+from .attacks import NORMS, PIXELS, make_attack, require_torchattacks
 from .capture import eval_mode
 from .env import model_device
 from .outputs import logits_of
@@ -106,29 +106,36 @@ MASKING_CHECKS = {
 }
 
 
-def default_eps_grid(eps, width=PIXELS[1] - PIXELS[0]):
-    """eps/2, eps, then doubling up to ``width`` (of the input range), which is included."""
+def full_range_eps(norm, input_size):
+    """The eps at which a ``norm`` ball around any [0, 1] input of ``input_size`` elements holds
+    every input: the range's width for L-inf, width * sqrt(size) for L2."""
+    width = PIXELS[1] - PIXELS[0]
+    return width if norm == "linf" else width * math.sqrt(input_size)
+
+
+def default_eps_grid(eps, full):
+    """eps/2, eps, then doubling up to ``full`` (:func:`full_range_eps`), which is included."""
     grid = [eps / 2]
-    while grid[-1] * 2 < width:
+    while grid[-1] * 2 < full:
         grid.append(grid[-1] * 2)
-    return grid + [width]
+    return grid + [full]
 
 
-def check_masking_options(eps, steps, eps_grid, queries, tol):
-    """The options of :func:`masking_checks`, checked before any attack runs; returns the steps and eps grid."""
+def check_masking_options(eps, steps, eps_grid, queries, tol, full=PIXELS[1] - PIXELS[0]):
+    """The options of :func:`masking_checks`, checked before any attack runs; ``full`` is
+    :func:`full_range_eps`. Returns the steps and the eps grid."""
     if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps > 0 or not math.isfinite(eps):
         raise ValueError(f"masking checks: eps={eps!r} must be a finite number > 0")
     steps = list(steps)
     if len(steps) < 2 or any(isinstance(s, bool) or not isinstance(s, int) or s < 1 for s in steps) or steps != sorted(set(steps)):
         raise ValueError(f"masking checks: steps={steps!r} must be at least two increasing integers >= 1, e.g. (10, 20, 40)")
-    clip = PIXELS  # Square, the black-box check, works in [0, 1] only
-    grid = default_eps_grid(eps) if eps_grid is None else list(eps_grid)
+    grid = default_eps_grid(eps, full) if eps_grid is None else list(eps_grid)
     if (len(grid) < 2 or any(isinstance(e, bool) or not isinstance(e, (int, float)) or not e > 0 for e in grid)
             or grid != sorted(set(grid))):
         raise ValueError(f"masking checks: eps_grid={eps_grid!r} must be at least two increasing numbers > 0")
-    if grid[-1] < clip[1] - clip[0]:
-        raise ValueError(f"masking checks: eps_grid={eps_grid!r} must reach the width of the input range "
-                         f"({clip[1] - clip[0]:g}), where any input can be reached and accuracy must fall to 0")
+    if grid[-1] < full:
+        raise ValueError(f"masking checks: eps_grid={eps_grid!r} must reach {full:g}, where the eps-ball holds every "
+                         "input of the range [0, 1] and accuracy must fall to 0")
     if isinstance(queries, bool) or not isinstance(queries, int) or queries < 1:
         raise ValueError(f"masking checks: queries={queries!r} must be an integer >= 1")
     if isinstance(tol, bool) or not isinstance(tol, (int, float)) or not 0 <= tol < 1:
@@ -143,14 +150,18 @@ def masking_checks(model, loader, eps, norm="linf", steps=(10, 20, 40), eps_grid
     * ``black_box``: Square (``queries``, torchattacks) against the strongest PGD of ``steps``
       at ``eps``; it passes when PGD's accuracy is at most Square's + ``tol``.
     * ``eps_curve``: PGD-``max(steps)`` at every eps of ``eps_grid`` (default eps/2, eps, doubling,
-      up to the whole input range); it passes when the accuracy at the largest eps is at most ``tol``.
+      up to the eps whose ball holds every input: 1 for L-inf, sqrt(input size) for L2); it passes
+      when the accuracy at the largest eps is at most ``tol``.
     * ``steps``: PGD at ``eps`` with each number of ``steps``; it passes when no longer run is
       more than ``tol`` above a shorter one.
 
     Every attack starts from the RNG seeded with ``seed``. Returns ``{check: {"passed", ...numbers},
     "passed": all passed}``.
     """
-    steps, grid = check_masking_options(eps, steps, eps_grid, queries, tol)
+    if norm not in NORMS:
+        raise ValueError(f"masking checks: norm={norm!r} is unknown; expected one of {', '.join(NORMS)}")
+    full = full_range_eps(norm, next(iter(loader))[0][0].numel())
+    steps, grid = check_masking_options(eps, steps, eps_grid, queries, tol, full)
     require_torchattacks("the black-box check (Square)")
     device = device or model_device(model)
 

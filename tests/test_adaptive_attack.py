@@ -12,7 +12,7 @@ from neurosens import data
 from neurosens.attacks import FGSM, PGD, FeaturePGD, NeuronPGD, make_attack
 from neurosens.checkpoint import save_checkpoint
 from neurosens.cli import main
-from neurosens.evaluation import check_masking_options, masking_checks, survived_all, worst_case
+from neurosens.evaluation import check_masking_options, default_eps_grid, full_range_eps, masking_checks, survived_all, worst_case
 from neurosens.models import build_model
 
 from conftest import SPEC
@@ -211,6 +211,14 @@ def test_masking_checks_flag_a_masked_model_and_pass_a_normal_one(digits):
     assert masked["steps"]["accuracy"][-1] == pytest.approx(again)
 
 
+def test_the_eps_curve_ends_where_the_ball_holds_every_input():
+    # L-inf: a ball of radius 1 around any [0, 1] image holds every image; L2: the diagonal, sqrt(d).
+    assert full_range_eps("linf", 64) == 1.0
+    assert full_range_eps("l2", 64) == pytest.approx(8.0)
+    assert default_eps_grid(0.3, 1.0) == pytest.approx([0.15, 0.3, 0.6, 1.0])
+    assert default_eps_grid(1.0, 8.0) == pytest.approx([0.5, 1.0, 2.0, 4.0, 8.0])
+
+
 @pytest.mark.parametrize("make,message", [
     (lambda m: NeuronPGD(m, 0.1, weight=-1), r"weight=-1 must be a finite number >= 0"),
     (lambda m: FeaturePGD(m, 0.1, weight=0), r"weight=0 leaves the feature-only attack nothing"),
@@ -221,7 +229,7 @@ def test_masking_checks_flag_a_masked_model_and_pass_a_normal_one(digits):
     (lambda m: make_attack("pgd", m, 0.1, weight=1.0), r"attack 'pgd' takes no option weight"),
     (lambda m: make_attack("neuron-pgd", m, 0.1, queries=5), r"takes no option queries"),
     (lambda m: check_masking_options(0.1, [10], None, 100, 0.01), r"steps=\[10\]"),
-    (lambda m: check_masking_options(0.1, [10, 20], [0.1, 0.5], 100, 0.01), r"must reach the width"),
+    (lambda m: check_masking_options(0.1, [10, 20], [0.1, 0.5], 100, 0.01), r"must reach 1, where the eps-ball holds every input"),
     (lambda m: check_masking_options(0.1, [10, 20], None, 0, 0.01), r"queries=0"),
 ])
 def test_bad_options_raise_one_clear_error(make, message):
