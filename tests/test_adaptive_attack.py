@@ -12,7 +12,8 @@ from neurosens import data
 from neurosens.attacks import FGSM, PGD, FeaturePGD, NeuronPGD, make_attack
 from neurosens.checkpoint import save_checkpoint
 from neurosens.cli import main
-from neurosens.evaluation import check_masking_options, default_eps_grid, full_range_eps, masking_checks, survived_all, worst_case
+from neurosens.evaluation import (check_masking_options, default_eps_grid, full_range_eps, masking_checks, survived_all,
+                                  worst_case, worst_case_attacks)
 from neurosens.models import build_model
 
 from conftest import SPEC
@@ -178,6 +179,17 @@ def test_worst_case_is_the_per_sample_and(digits):
     assert len({tuple(column) for column in right[1:]}) == 3
     assert result["worst"] <= min(result[name] for name in attacks)
     assert survived_all({"a": torch.tensor([True, True, False]), "b": torch.tensor([True, False, True])}) == pytest.approx(1 / 3)
+
+
+def test_worst_case_attacks_are_pgd_autoattack_and_the_neuron_attack(digits):
+    model = digits[0]
+    attacks = worst_case_attacks(model, 0.1, steps=7, autoattack=False, layers="hidden", weight=2.0, loss="cw")
+    assert list(attacks) == ["pgd-7", "neuron-pgd-7"]
+    assert attacks["pgd-7"].steps == 7 and type(attacks["pgd-7"]) is PGD
+    neuron = attacks["neuron-pgd-7"]
+    assert (neuron.layers, neuron.weight, neuron.loss, neuron.steps) == (HIDDEN, 2.0, "cw", 7)
+    if HAS_TORCHATTACKS:
+        assert list(worst_case_attacks(model, 0.1, steps=7)) == ["pgd-7", "autoattack", "neuron-pgd-7"]
 
 
 class Quantized(nn.Module):

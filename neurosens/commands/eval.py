@@ -1,6 +1,7 @@
 """`neurosens eval`: clean and robust accuracy of a trained model under several attacks, the worst
 case over them, and the gradient-masking checks."""
 import argparse
+import dataclasses
 import json
 import time
 
@@ -21,18 +22,13 @@ def neuron_layers(text):
 
 
 def neuron_k(text):
-    """k as SNS takes it: a count (8) or a fraction of each layer (0.3)."""
-    from ..selection import resolve_k
+    """k as ``--sns-k`` takes it (a count, 8, or a fraction of each layer, 0.3), checked by SNS's rule."""
+    from ..sns import SNSConfig
 
+    parse = {field.name: field for field in dataclasses.fields(SNSConfig)}["k"].metadata["type"]
     try:
-        value = int(text)
-    except ValueError:
-        try:
-            value = float(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"not a count or a fraction: {text!r}") from None
-    try:
-        resolve_k(value, None, "neuron-pgd", "k")
+        value = parse(text)
+        SNSConfig(k=value).check("neuron-pgd")
     except (ValueError, TypeError) as err:
         raise argparse.ArgumentTypeError(str(err)) from None
     return value
