@@ -1,4 +1,5 @@
-"""White-box attacks: FGSM, PGD (L-inf and L2), CW-L-inf, and AutoAttack through torchattacks.
+"""Attacks: FGSM, PGD (L-inf and L2), CW-L-inf, the neuron-targeted PGD that adapts to SNS, and,
+through torchattacks, AutoAttack and the black-box Square attack.
 
 Call convention::
 
@@ -23,8 +24,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .capture import eval_mode
+from .capture import LayerHooks, eval_mode
+from .checks import check_metric
+from .layers import NeuronDims
+from .ops import neuron_distance_per_sample, stabilize
 from .outputs import LogitsModel, check_logits, logits_of
+from .selection import resolve_k
+from .sns import SNSConfig, sns_layers
 
 NORMS = ("linf", "l2")
 LOSSES = ("ce", "cw")
@@ -115,9 +121,14 @@ class Attack:
             value = margin_loss(logits, y)
         return -value if self.targeted else value
 
+    def _objective(self, x_adv, y):
+        """The logits at ``x_adv`` and the per-sample objective the attack ascends (differentiable)."""
+        logits = self._logits(x_adv)
+        return logits, self._loss(logits, y)
+
     def _grad(self, x_adv, y):
         x_adv = x_adv.detach().requires_grad_(True)
-        loss = self._loss(self._logits(x_adv), y)
+        _, loss = self._objective(x_adv, y)
         grad, = torch.autograd.grad(loss.sum(), x_adv)
         return grad, loss.detach()
 
@@ -218,8 +229,7 @@ class PGD(Attack):
             grad, _ = self._grad(x_adv, y)
             x_adv = project(x_adv + self.alpha * _direction(grad, self.norm), x, self.eps, self.norm, self.clip)
         with torch.no_grad():
-            logits = self._logits(x_adv)
-            loss = self._loss(logits, y)
+            logits, loss = self._objective(x_adv, y)
             fooled = logits.argmax(1) == y if self.targeted else logits.argmax(1) != y
         return x_adv, loss, fooled
 
@@ -244,13 +254,123 @@ class CW(PGD):
         super().__init__(model, eps, alpha, steps, norm, random_start, restarts, "cw", targeted, num_classes, clip, logits)
 
 
-def require_torchattacks():
+class NeuronPGD(PGD):
+    """The adaptive attack on SNS: PGD that also drives the most sensitive neurons of chosen layers
+    away from their benign outputs.
+
+    Per sample it ascends ``loss(f(x'), y) + weight * T(x')``, where ``T`` is the mean over the
+    chosen layers of the mean ``metric`` distance (l1 by default; the definitions of
+    :mod:`neurosens.reference`) between the benign and the adversarial output of each layer's
+    top-k neurons. Layers are chosen as SNS chooses them (:func:`neurosens.sns.sns_layers`: "auto"
+    or "all", "hidden", "logits", names, patterns), and so is k (a count or a fraction of each
+    layer's neurons; SNS's default 0.3). The top-k are re-chosen at every step, on the whole batch,
+    by the same distance between the benign and the current adversarial outputs, with SNS's own
+    fused op (:func:`neurosens.ops.stabilize`): the attack aims at whichever neurons SNS would
+    stabilize on that batch at that moment, rather than at a set frozen before the attack moved.
+    ``feature_only`` (:class:`FeaturePGD`) ascends ``weight * T`` alone, without the classification
+    loss. ``channel_dim`` and ``output_index`` are those of :class:`~neurosens.sns.SNSRegularizer`.
+    """
+
+    name = "neuron-pgd"
+
+    def __init__(self, model, eps, alpha=None, steps=10, norm="linf", random_start=True, restarts=1, loss="ce",
+                 targeted=False, num_classes=None, clip=PIXELS, logits=None, layers=SNSConfig.layers, k=SNSConfig.k,
+                 weight=1.0, metric=SNSConfig.metric, feature_only=False, channel_dim=None, output_index=None):
+        super().__init__(model, eps, alpha, steps, norm, random_start, restarts, loss, targeted, num_classes, clip, logits)
+        who = type(self).__name__
+        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not math.isfinite(weight) or weight < 0:
+            raise ValueError(f"{who}: weight={weight!r} must be a finite number >= 0")
+        if feature_only and weight == 0:
+            raise ValueError(f"{who}: weight=0 leaves the feature-only attack nothing to ascend; give weight > 0")
+        check_metric(metric, who)
+        self._layers = sns_layers(model, layers)
+        self._dims = NeuronDims(model, self._layers, channel_dim, who)
+        for name in self._layers:
+            resolve_k(k, self._dims.count(name), f"{who} layer {name!r}")
+        self.layers, self.k, self.weight, self.metric = list(self._layers), k, float(weight), metric
+        self.feature_only, self.output_index = bool(feature_only), output_index
+        self._benign = None
+
+    def _forward(self, x):
+        """The logits and ``{layer: output}`` of the chosen layers, with their graphs."""
+        outputs = {name: [] for name in self._layers}
+        with LayerHooks(self._layers, lambda name, t: outputs[name].append(t), self.output_index) as hooks:
+            logits = self._logits(x)
+        hooks.check_ran()
+        for name, outs in outputs.items():
+            if len(outs) > 1:
+                raise RuntimeError(f"{type(self).__name__}: layer {name!r} ran {len(outs)} times in one forward; "
+                                   "choose layers that run once per forward")
+        return logits, {name: outs[0] for name, outs in outputs.items()}
+
+    def _feature_term(self, outputs):
+        """Per sample, the mean over layers of the mean distance of each layer's top-k neurons from
+        their benign outputs (the neurons chosen on the whole batch)."""
+        terms = []
+        for name, b in outputs.items():
+            a = self._benign[name]
+            cdim = self._dims(name, b)
+            k = resolve_k(self.k, b.shape[cdim], f"{type(self).__name__} layer {name!r}")
+            batch_mean, chosen = stabilize(a, b, k=k, metric=self.metric, select_metric=self.metric, channel_dim=cdim,
+                                           return_indices=True)
+            per_sample = neuron_distance_per_sample(a, b, self.metric, cdim).index_select(1, chosen).mean(1)
+            # The values are the per-sample distances; adding (batch mean - itself, detached) to each
+            # leaves them unchanged and makes the gradient of their sum N times the batch mean's,
+            # which is the sum's own gradient, taken in one fused pass.
+            terms.append(per_sample + (batch_mean - batch_mean.detach()))
+        return torch.stack(terms).mean(0)
+
+    def _objective(self, x_adv, y):
+        logits, outputs = self._forward(x_adv)
+        feature = self.weight * self._feature_term(outputs)
+        return logits, feature if self.feature_only else self._loss(logits, y) + feature
+
+    def _perturb(self, x, y):
+        with torch.no_grad():
+            _, self._benign = self._forward(x)
+        try:
+            return super()._perturb(x, y)
+        finally:
+            self._benign = None
+
+    def objective(self, x, x_adv, y):
+        """The per-sample objective the attack ascends at ``x_adv``, for benign ``x`` and labels
+        ``y`` (the target, for a targeted attack), in eval mode and without gradients."""
+        with eval_mode(self.model), torch.no_grad():
+            _, self._benign = self._forward(x)
+            try:
+                return self._objective(x_adv, y)[1]
+            finally:
+                self._benign = None
+
+
+class FeaturePGD(NeuronPGD):
+    """The pure-feature variant of :class:`NeuronPGD`: it ascends only ``weight`` times the
+    distance of the chosen layers' top-k neurons from their benign outputs, no classification loss."""
+
+    name = "feature-pgd"
+
+    def __init__(self, model, eps, alpha=None, steps=10, norm="linf", random_start=True, restarts=1, targeted=False,
+                 num_classes=None, clip=PIXELS, logits=None, layers=SNSConfig.layers, k=SNSConfig.k, weight=1.0,
+                 metric=SNSConfig.metric, channel_dim=None, output_index=None):
+        super().__init__(model, eps, alpha, steps, norm, random_start, restarts, "ce", targeted, num_classes, clip, logits,
+                         layers, k, weight, metric, True, channel_dim, output_index)
+
+
+def require_torchattacks(what="AutoAttack"):
     """The torchattacks module, or an ImportError saying how to install it."""
     try:
         import torchattacks
     except ImportError as e:
-        raise ImportError("AutoAttack needs the optional package torchattacks: pip install 'neurosens[attacks]'") from e
+        raise ImportError(f"{what} needs the optional package torchattacks: pip install 'neurosens[attacks]'") from e
     return torchattacks
+
+
+def pixels_only(clip, who):
+    """Refuse bounds other than [0, 1], the only ones torchattacks' attacks know."""
+    if check_clip(clip) != PIXELS:
+        raise ValueError(f"{who}: clip={clip!r}: torchattacks' {who} works in [0, 1] only; "
+                         "normalize inside the model (neurosens.models.Normalize)")
 
 
 class AutoAttack(Attack):
@@ -261,9 +381,7 @@ class AutoAttack(Attack):
     name = "autoattack"
 
     def __init__(self, model, eps, norm="linf", num_classes=10, version="standard", seed=0, clip=PIXELS, logits=None):
-        if check_clip(clip) != PIXELS:
-            raise ValueError(f"AutoAttack: clip={clip!r}: torchattacks' AutoAttack works in [0, 1] only; "
-                             "normalize inside the model (neurosens.models.Normalize)")
+        pixels_only(clip, "AutoAttack")
         super().__init__(model, eps, norm, "ce", False, num_classes, logits=logits)
         torchattacks = require_torchattacks()
         target = model if self.logits is None else LogitsModel(model, self.logits)
@@ -280,20 +398,62 @@ class AutoAttack(Attack):
         return self._attack(x, y)
 
 
+class Square(Attack):
+    """The Square attack (Andriushchenko et al.) via ``torchattacks``: black-box, it sees only the
+    model's outputs, never a gradient, so a white-box attack that does worse than it is a sign of
+    gradient masking. ``queries`` model calls per sample and restart, margin loss, [0, 1] only."""
+
+    name = "square"
+
+    def __init__(self, model, eps, norm="linf", queries=1000, restarts=1, seed=0, clip=PIXELS, logits=None):
+        pixels_only(clip, "Square")
+        super().__init__(model, eps, norm, "cw", False, logits=logits)
+        if isinstance(queries, bool) or not isinstance(queries, int) or queries < 1:
+            raise ValueError(f"Square: queries={queries!r} must be an integer >= 1")
+        if isinstance(restarts, bool) or not isinstance(restarts, int) or restarts < 1:
+            raise ValueError(f"Square: restarts={restarts!r} must be an integer >= 1")
+        torchattacks = require_torchattacks("the Square attack")
+        target = model if self.logits is None else LogitsModel(model, self.logits)
+        self._attack = torchattacks.Square(target, norm={"linf": "Linf", "l2": "L2"}[norm], eps=self.eps,
+                                           n_queries=queries, n_restarts=restarts, seed=seed)
+        self.queries, self.restarts, self.seed = queries, restarts, seed
+
+    def __call__(self, x, y, target=None):
+        if target is not None:
+            raise ValueError("Square is untargeted here; do not pass target=")
+        return super().__call__(x, y)
+
+    def _perturb(self, x, y):
+        return self._attack(x, y)
+
+
 #: Name -> class, for building attacks from configuration.
-ATTACKS = {"fgsm": FGSM, "pgd": PGD, "cw": CW, "autoattack": AutoAttack}
+ATTACKS = {"fgsm": FGSM, "pgd": PGD, "cw": CW, "autoattack": AutoAttack, "square": Square, "neuron-pgd": NeuronPGD,
+           "feature-pgd": FeaturePGD}
+#: The options :func:`make_attack` passes on to the attacks that take them, beyond the shared ones.
+EXTRA_OPTIONS = {"neuron-pgd": ("layers", "k", "weight", "metric", "loss"), "feature-pgd": ("layers", "k", "weight", "metric"),
+                 "square": ("queries",)}
 
 
 def make_attack(name, model, eps, norm="linf", alpha=None, steps=None, restarts=1, num_classes=10, seed=0, clip=PIXELS,
-                logits=None):
+                logits=None, **options):
     """An attack of :data:`ATTACKS` by name, given the options that kind takes: FGSM only ``norm``,
-    AutoAttack ``norm``, ``num_classes`` and ``seed``, PGD and CW the step size, steps (None: the
-    attack's default) and restarts; all take the bounds ``clip`` and ``logits``."""
+    AutoAttack ``norm``, ``num_classes`` and ``seed``, Square ``norm``, ``restarts``, ``seed``
+    and ``queries``, PGD, CW and the neuron-targeted attacks the step size, steps (None: the
+    attack's default) and restarts, the neuron-targeted ones also ``layers``, ``k``, ``weight``
+    and ``metric``, and neuron-pgd its ``loss`` ("ce" or "cw") (:data:`EXTRA_OPTIONS`); all take
+    the bounds ``clip`` and ``logits``."""
     if name not in ATTACKS:
         raise ValueError(f"attack {name!r} is unknown; expected one of {', '.join(ATTACKS)}")
+    unknown = sorted(set(options) - set(EXTRA_OPTIONS.get(name, ())))
+    if unknown:
+        takes = ", ".join(EXTRA_OPTIONS.get(name, ())) or "none"
+        raise ValueError(f"attack {name!r} takes no option {', '.join(unknown)} (its extra options: {takes})")
     if name == "fgsm":
         return FGSM(model, eps, norm, clip=clip, logits=logits)
     if name == "autoattack":
         return AutoAttack(model, eps, norm, num_classes=num_classes, seed=seed, clip=clip, logits=logits)
+    if name == "square":
+        return Square(model, eps, norm, restarts=restarts, seed=seed, clip=clip, logits=logits, **options)
     return ATTACKS[name](model, eps, alpha, norm=norm, restarts=restarts, clip=clip, logits=logits,
-                        **({} if steps is None else {"steps": steps}))
+                        **({} if steps is None else {"steps": steps}), **options)

@@ -258,5 +258,5 @@ def test_autoattack_is_at_least_as_strong_as_pgd(digits):
 
 
 def test_registry_names_every_attack():
-    assert set(attacks.ATTACKS) == {"fgsm", "pgd", "cw", "autoattack"}
+    assert set(attacks.ATTACKS) == {"fgsm", "pgd", "cw", "autoattack", "square", "neuron-pgd", "feature-pgd"}
     assert attacks.ATTACKS["cw"](nn.Linear(4, 2), 0.1).loss == "cw"
