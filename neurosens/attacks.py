@@ -26,6 +26,7 @@ from torch import nn
 
 from .capture import LayerHooks, eval_mode
 from .checks import check_metric
+from .env import require
 from .layers import NeuronDims
 from .ops import neuron_distance_per_sample, stabilize
 from .outputs import LogitsModel, check_logits, logits_of
@@ -358,12 +359,8 @@ class FeaturePGD(NeuronPGD):
 
 
 def require_torchattacks(what="AutoAttack"):
-    """The torchattacks module, or an ImportError saying how to install it."""
-    try:
-        import torchattacks
-    except ImportError as e:
-        raise ImportError(f"{what} needs the optional package torchattacks: pip install 'neurosens[attacks]'") from e
-    return torchattacks
+    """The torchattacks module, or :class:`~neurosens.env.MissingDependency` saying how to install it."""
+    return require("torchattacks", what, "torchattacks", "pip install 'neurosens[attacks]'")
 
 
 def pixels_only(clip, who):

@@ -6,7 +6,7 @@ import pkgutil
 import sys
 
 from . import commands
-from .env import env_flag
+from .env import MissingDependency, env_flag
 
 
 def _command_modules():
@@ -33,8 +33,8 @@ def build_parser():
 
 
 def main(argv=None):
-    """Run a command. A user's error (a ValueError or OSError, such as a missing or corrupt file)
-    ends it with ``SystemExit("neurosens <command>: <one line>")``: that line on stderr and exit
+    """Run a command. A user's error (a ValueError or OSError, such as a missing or corrupt file,
+    or an optional package a chosen feature needs) ends it with ``SystemExit("neurosens <command>: <one line>")``: that line on stderr and exit
     status 1, not a traceback."""
     args = build_parser().parse_args(argv)
     try:
@@ -43,7 +43,7 @@ def main(argv=None):
 
             keep_freed_memory()
         return args._run(args) or 0
-    except (ValueError, OSError) as err:
+    except (ValueError, OSError, MissingDependency) as err:
         raise SystemExit(f"neurosens {args.command}: " + " ".join(str(err).split())) from None
 
 

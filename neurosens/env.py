@@ -1,8 +1,24 @@
-"""What the environment decides: boolean switches from environment variables, and which device to
-run on when none is named (the model's own, or the best one visible)."""
+"""What the environment decides: boolean switches from environment variables, which device to
+run on when none is named (the model's own, or the best one visible), and which optional packages
+are installed."""
+import importlib
 import os
 
 import torch
+
+class MissingDependency(ImportError):
+    """An optional package that a feature needs is not installed; the message says what to install."""
+
+
+def require(module, feature, package, install):
+    """The module ``module``, imported; :class:`MissingDependency` naming ``feature``, the missing
+    ``package`` and the ``install`` command when it cannot be imported."""
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        raise MissingDependency(f"{feature} needs the optional package {package}, which is not installed "
+                                f"({install})") from None
+
 
 _TRUE = ("1", "true", "yes", "on")
 _FALSE = ("0", "false", "no", "off")

@@ -16,7 +16,7 @@ import torch.distributed as dist
 
 from .attacks import make_attack
 from .checkpoint import rng_state, set_rng_state
-from .env import model_device
+from .env import model_device, require
 from .sensitivity import NeuronSensitivity
 
 #: The ``every=`` word for "at the end of every epoch".
@@ -60,14 +60,9 @@ def probe_tensors(probe, where="SensitivityMonitor"):
 
 
 def require_tensorboard():
-    """TensorBoard's ``SummaryWriter`` class; a ValueError saying what to install when
-    ``torch.utils.tensorboard`` or the tensorboard package is missing."""
-    try:
-        from torch.utils.tensorboard import SummaryWriter
-    except ImportError:
-        raise ValueError("TensorBoard logging needs the tensorboard package, which is not installed "
-                         "(pip install tensorboard)") from None
-    return SummaryWriter
+    """TensorBoard's ``SummaryWriter`` class; :class:`~neurosens.env.MissingDependency` saying what
+    to install when ``torch.utils.tensorboard`` or the tensorboard package is missing."""
+    return require("torch.utils.tensorboard", "TensorBoard logging", "tensorboard", "pip install tensorboard").SummaryWriter
 
 
 def tensorboard_writer(log_dir):

@@ -133,3 +133,12 @@ def test_eval_without_torchattacks_says_how_to_install(files, capsys, monkeypatc
     monkeypatch.setitem(sys.modules, "torchattacks", None)
     line = one_line_error(capsys, sub(files, ["eval", "@run/model.pt", "--attacks", "clean,autoattack"]))
     assert "pip install 'neurosens[attacks]'" in line and "--attacks" in line
+
+
+@pytest.mark.parametrize("attack", ["square", "autoattack"])
+def test_sensitivity_without_torchattacks_says_how_to_install(files, capsys, monkeypatch, attack):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "torchattacks", None)
+    line = one_line_error(capsys, sub(files, SENS + ["--attack", attack, "--eps", "0.1"]))
+    assert "needs the optional package torchattacks" in line and "pip install 'neurosens[attacks]'" in line

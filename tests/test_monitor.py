@@ -12,6 +12,7 @@ from torch import nn
 
 import neurosens as ns
 from neurosens.cli import main
+from neurosens.env import MissingDependency
 from neurosens.monitor import SensitivityMonitor, parse_every
 from neurosens.plots import plot_monitor
 from neurosens.training import Trainer, TrainConfig
@@ -169,7 +170,7 @@ def test_missing_tensorboard_is_one_clear_line(monkeypatch, tmp_path):
     monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)
     train, test = digits8(64)
     cfg = TrainConfig(method="standard", epochs=1, batch_size=32, monitor=8, monitor_tensorboard=True, progress=False)
-    with pytest.raises(ValueError, match=r"needs the tensorboard package.*pip install tensorboard"):
+    with pytest.raises(MissingDependency, match=r"needs the optional package tensorboard.*pip install tensorboard"):
         Trainer(fresh_model(), train, test, cfg, out_dir=tmp_path)
 
 
@@ -256,8 +257,8 @@ def test_cli_tensorboard_missing_is_one_line_before_data(capsys, monkeypatch, tm
     with pytest.raises(SystemExit) as exit:
         main(TRAIN + ["--data", "mnist", "--root", str(tmp_path / "nowhere"), "--monitor", "8", "--monitor-tensorboard",
                       "--out", str(tmp_path / "run")])
-    assert str(exit.value) == ("neurosens train: TensorBoard logging needs the tensorboard package, which is not "
-                               "installed (pip install tensorboard)")
+    assert str(exit.value) == ("neurosens train: TensorBoard logging needs the optional package tensorboard, which is "
+                               "not installed (pip install tensorboard)")
 
 
 def _ddp_worker(rank, world, out):
