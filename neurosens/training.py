@@ -208,11 +208,14 @@ class Trainer:
     ``out_dir`` receives ``checkpoint.pt`` (every epoch), ``metrics.jsonl`` (one line per epoch),
     ``config.json`` and, at the end, ``model.pt`` (weights, config, metrics and ``meta``: whatever
     the caller wants kept, e.g. ``{"model": build_model arguments, "data": name}``). ``loss_fn``
-    overrides the method's loss. Under torchrun (after :func:`init_distributed`) the model is
+    overrides the method's loss. ``eval_name`` names what ``test_set`` is ("test", or "val" for
+    images held out of the training data): the per-epoch metrics are ``<eval_name>_clean`` and
+    ``<eval_name>_pgd``. Under torchrun (after :func:`init_distributed`) the model is
     wrapped in DistributedDataParallel and only rank 0 writes files.
     """
 
-    def __init__(self, model, train_set, test_set=None, config=None, out_dir=None, loss_fn=None, device=None, meta=None):
+    def __init__(self, model, train_set, test_set=None, config=None, out_dir=None, loss_fn=None, device=None, meta=None,
+                 eval_name="test"):
         self.config = cfg = config if config is not None else TrainConfig()
         self.distributed = dist.is_available() and dist.is_initialized()
         self.rank, self.world = (dist.get_rank(), dist.get_world_size()) if self.distributed else (0, 1)
@@ -225,6 +228,7 @@ class Trainer:
         self.out_dir = Path(out_dir) if out_dir is not None else None
         self.meta = meta or {}
         self.train_set, self.test_set = train_set, test_set
+        self.eval_name = eval_name  # what the evaluation set is: the prefix of its metrics
         self.memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
 
         self.model = model.to(self.device, memory_format=self.memory_format)
@@ -256,9 +260,9 @@ class Trainer:
         if cfg.monitor == 0:
             return None
         if self.test_set is None:
-            raise ValueError(f"monitor={cfg.monitor}: the monitor probes test images, and this run has no test set")
+            raise ValueError(f"monitor={cfg.monitor}: the monitor probes the evaluation images, and this run has none")
         if cfg.monitor > len(self.test_set):
-            raise ValueError(f"monitor={cfg.monitor}: the test set has only {len(self.test_set)} images")
+            raise ValueError(f"monitor={cfg.monitor}: the {self.eval_name} set has only {len(self.test_set)} images")
         writer = None
         if cfg.monitor_tensorboard:
             if self.out_dir is None:
@@ -338,7 +342,7 @@ class Trainer:
         with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
             result = evaluate(self.model, loader, attacks, self.device, distributed=self.distributed,
                               logits=cfg.logits)
-        return {f"test_{k}": v for k, v in result.items()}
+        return {f"{self.eval_name}_{k}": v for k, v in result.items()}
 
     def state_dict(self):
         rng = rng_state()

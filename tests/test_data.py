@@ -208,3 +208,19 @@ def test_real_mnist_if_fetched():
     test = data.mnist(train=False)
     assert len(test) == 10000 and test.shape == (1, 28, 28)
     assert torch.bincount(test.labels).tolist()[:2] == [980, 1135]
+
+
+def test_split_holds_out_a_seeded_disjoint_part():
+    images = torch.arange(20, dtype=torch.float32).div(20).view(20, 1, 1, 1)
+    toy = data.ImageDataset(images, torch.arange(20) % 10, 10, "toy")
+    rest, held = toy.split(6, seed=3)
+    assert len(rest) == 14 and len(held) == 6
+    ids = lambda d: (d.images.flatten() * 20).round().long().tolist()  # noqa: E731
+    assert sorted(ids(rest) + ids(held)) == list(range(20))  # disjoint and complete
+    assert ids(rest) == sorted(ids(rest)) and ids(held) == sorted(ids(held))  # original order kept
+    expected = sorted(torch.randperm(20, generator=torch.Generator().manual_seed(3))[:6].tolist())
+    assert ids(held) == expected
+    assert [d.labels.tolist() for d in toy.split(6, seed=3)] == [rest.labels.tolist(), held.labels.tolist()]
+    for bad in (0, 20, -1):
+        with pytest.raises(ValueError, match=f"cannot hold out {bad} of 20 samples"):
+            toy.split(bad)

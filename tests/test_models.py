@@ -8,10 +8,11 @@ from neurosens.models import MODELS, Normalize, WideResNet, build_model
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-MNIST_ARCHS = {"small-cnn", "lenet5"}
+MNIST_ARCHS = {"small-cnn", "trades-cnn", "lenet5"}
 
 
-@pytest.mark.parametrize("name,channels,size", [("small-cnn", 1, 28), ("small-cnn", 3, 32), ("lenet5", 1, 28),
+@pytest.mark.parametrize("name,channels,size", [("small-cnn", 1, 28), ("small-cnn", 3, 32), ("trades-cnn", 1, 28),
+                                                ("trades-cnn", 3, 32), ("lenet5", 1, 28),
                                                 ("lenet5", 3, 32), ("resnet18", 3, 32), ("preact-resnet18", 3, 32),
                                                 ("vgg16", 3, 32)])
 def test_output_shape(name, channels, size):
@@ -32,7 +33,10 @@ def test_small_wide_resnet_output_shape():
 
 # Parameter counts of the standard CIFAR variants: a changed architecture changes these.
 @pytest.mark.parametrize("name,count", [("resnet18", 11_173_962), ("preact-resnet18", 11_172_170),
-                                        ("vgg16", 14_724_042), ("wrn-34-10", 46_160_474), ("lenet5", 61_706)])
+                                        ("vgg16", 14_724_042), ("wrn-34-10", 46_160_474), ("lenet5", 61_706),
+                                        # TRADES' MNIST CNN: convs 1-32-32-64-64 (3x3), then 1024-200-200-10.
+                                        ("trades-cnn", (9 * 32 + 32) + (9 * 32 * 32 + 32) + (9 * 32 * 64 + 64)
+                                         + (9 * 64 * 64 + 64) + (1024 * 200 + 200) + (200 * 200 + 200) + (200 * 10 + 10))])
 def test_parameter_counts(name, count):
     channels, size = (1, 28) if name in MNIST_ARCHS else (3, 32)
     model = build_model(name, 10, channels, size)
@@ -43,6 +47,8 @@ EXPECTED_NAMES = {
     "small-cnn": ["normalize", "conv1", "relu1", "pool1", "conv2", "relu2", "pool2", "flatten", "fc1", "relu3", "fc2"],
     "lenet5": ["normalize", "conv1", "relu1", "pool1", "conv2", "relu2", "pool2", "flatten", "fc1", "relu3", "fc2",
                "relu4", "fc3"],
+    "trades-cnn": ["normalize", "conv1", "conv2", "pool1", "conv3", "conv4", "pool2", "flatten", "fc1", "drop", "fc2",
+                   "fc3"],
     "resnet18": ["conv1", "bn1", "relu", "layer1.0.conv1", "layer1.0.relu1", "layer1.1.bn2", "layer2.0.shortcut.0",
                  "layer4.1.conv2", "layer4.1.relu2", "pool", "fc"],
     "preact-resnet18": ["conv1", "layer1.0.bn1", "layer1.0.relu1", "layer1.0.conv1", "layer3.0.shortcut.0",

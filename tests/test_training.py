@@ -186,6 +186,25 @@ def test_cli_train_then_eval(tmp_path, capsys):
     assert (run / "metrics.jsonl").read_text() == metrics
 
 
+def test_cli_val_evaluates_on_held_out_training_images(tmp_path, capsys):
+    run = tmp_path / "run"
+    args = ["train", "--data", "digits8", "--width", "8", "--epochs", "1", "--optimizer", "adam", "--lr", "0.005",
+            "--eps", "0.1", "--eval-steps", "2", "--val", "100", "--train-limit", "300", "--no-progress", "--out", str(run)]
+    assert cli_main(args) == 0
+    last = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert last["val_n"] == 100 and "test_n" not in last and {"val_clean", "val_pgd"} <= set(last)
+    assert torch.load(run / "model.pt", weights_only=True)["meta"]["val"] == 100
+    # The reported clean accuracy is the model's on exactly the held-out images (seed 0 by default).
+    _, held = data.digits(True, size=8).split(100, seed=0)
+    net = load_model(run / "model.pt")
+    with torch.no_grad():
+        acc = (net.eval()(held.tensors()[0]).argmax(1) == held.labels).float().mean().item()
+    assert abs(last["val_clean"] - acc) < 1e-6
+    # Another validation size is another run.
+    with pytest.raises(SystemExit, match="meta.val: 100 -> 50"):
+        cli_main(args[:-2] + ["--out", str(run), "--resume"] + ["--val", "50"])
+
+
 def test_cli_data_fetch_reports_failure(tmp_path, capsys):
     assert cli_main(["data", "fetch", "fashion-mnist", "--root", str(tmp_path), "--source", str(tmp_path)]) == 1
     assert "dataset-fashion-mnist" in capsys.readouterr().out

@@ -19,6 +19,9 @@ def add_arguments(parser):
     parser.add_argument("--data", default="mnist", choices=sorted(DATASETS), help="data set (default: mnist)")
     add_root(parser)
     parser.add_argument("--train-limit", type=positive_int, help="train on a seeded random subset of this many images")
+    parser.add_argument("--val", type=positive_int, metavar="N",
+                        help="hold out N seeded random training images (before --train-limit) and evaluate each epoch, "
+                             "and monitor, on them instead of the test set")
     parser.add_argument("--no-normalize", action="store_true", help="no Normalize layer in the model")
     parser.add_argument("--method", default=d.method, choices=sorted(METHODS), help=f"training method (default: {d.method})")
     add_eps(parser, "8/255", d.eps)
@@ -113,6 +116,11 @@ def run(args):
     rank, _ = init_distributed()
     train_set = datasets.load(args.data, train=True, root=args.root)
     test_set = datasets.load(args.data, train=False, root=args.root)
+    eval_name, meta = "test", {"data": args.data}
+    if args.val:
+        # The test set is then never seen while training: model choices are made on the held-out images.
+        train_set, test_set = train_set.split(args.val, seed=args.seed)
+        eval_name, meta["val"] = "val", args.val
     if args.train_limit:
         train_set = train_set.subset(args.train_limit, seed=args.seed)
     mean, std = (None, None) if args.no_normalize else datasets.stats(args.data)
@@ -124,7 +132,7 @@ def run(args):
     seed_everything(args.seed)  # the same initial weights for a given seed
     model = build_model(**spec)
     trainer = Trainer(model, train_set, test_set, config, out_dir=args.out, device=args.device,
-                      meta={"model": spec, "data": args.data})
+                      meta={"model": spec} | meta, eval_name=eval_name)
     history = trainer.fit(resume=args.resume)
     if rank == 0 and history:
         print(json.dumps(history[-1]))

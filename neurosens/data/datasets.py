@@ -62,6 +62,16 @@ class ImageDataset(Dataset):
             return self
         return ImageDataset(self.images[:count], self.labels[:count], self.num_classes, self.name)
 
+    def split(self, count, seed=0):
+        """``(rest, held_out)``: a random (seeded) ``count`` samples held out, and the others, in
+        their original order. For a validation set drawn from the training data."""
+        if not 0 < count < len(self):
+            raise ValueError(f"{self.name}: cannot hold out {count} of {len(self)} samples; give 1 to {len(self) - 1}")
+        order = torch.randperm(len(self), generator=torch.Generator().manual_seed(seed))
+        held, rest = order[:count].sort().values, order[count:].sort().values
+        return (ImageDataset(self.images[rest], self.labels[rest], self.num_classes, self.name),
+                ImageDataset(self.images[held], self.labels[held], self.num_classes, self.name))
+
     def subset(self, count, seed=0):
         """A random (seeded) subset of ``count`` samples; the whole set if ``count`` >= its size."""
         if count >= len(self):
