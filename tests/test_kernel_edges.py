@@ -235,6 +235,21 @@ def test_topk_ties_go_to_the_lower_index(device, layout, backend, monkeypatch):
     assert ops.stabilize(a, b, k=6, return_indices=True)[1].tolist() == [7, 1500, 2999, 0, 1, 2]
 
 
+@requires_ext
+@pytest.mark.parametrize("select_metric", METRICS)
+def test_stabilize_selects_a_nan_neuron_first(select_metric):
+    gen = torch.Generator().manual_seed(3)
+    a = torch.randn(4, 7, 5, generator=gen)
+    b = a + torch.randn(4, 7, 5, generator=gen)
+    a[2, 5, 1] = float("nan")
+    means = reference.neuron_distance_per_sample(a.double(), b.double(), select_metric).mean(0)
+    expected = torch.sort(means, descending=True, stable=True).indices[:3].tolist()
+    assert expected[0] == 5
+    loss, idx = ops.stabilize(a, b, k=3, metric="l1", select_metric=select_metric, return_indices=True)
+    assert idx.tolist() == expected
+    assert torch.isnan(loss)
+
+
 def _launch(kernel, N, C, D, sms):
     grid, threads, segs = ops._C.launch_config(kernel, N, C, D, sms)
     return grid, threads, segs
