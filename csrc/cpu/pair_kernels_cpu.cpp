@@ -394,6 +394,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> stabilize_cpu(const at::Tensor& a
   return {loss, selected, stats};
 }
 
+// All coefficients of a map are zero (a neuron outside the selection): its gradient is zero.
+template <typename acc_t>
+NEUROSENS_INLINE inline bool no_gradient(const acc_t* k) {
+  bool zero = true;
+  for (int i = 0; i < kNumCoefs; ++i) zero = zero && k[i] == acc_t(0);
+  return zero;
+}
+
 // Gradients of one run with the coefficients k of its map. kUnit: stride 1 in all four tensors.
 // The gradient loops are functions of their own: inlined into the task they do not vectorize.
 template <bool kUnit, typename scalar_t, typename acc_t>
@@ -401,7 +409,7 @@ NEUROSENS_CLONES void grad_of_run(const scalar_t* __restrict__ a, const scalar_t
                         const int64_t* stride, const acc_t* k, scalar_t* __restrict__ ga, scalar_t* __restrict__ gb) {
   const acc_t aa = k[kAA], ab = k[kAB], ba = k[kBA], bb = k[kBB], sign = k[kSign];
   const int64_t sa = stride[0], sb = stride[1], sga = stride[2], sgb = stride[3];
-  if (aa == acc_t(0) && ab == acc_t(0) && ba == acc_t(0) && bb == acc_t(0) && sign == acc_t(0)) {
+  if (no_gradient(k)) {
     // A neuron outside the selection (most of them): its gradient is zero, a and b need no read.
     for (int64_t i = 0; i < len; ++i) {
       ga[kUnit ? i : i * sga] = scalar_t(0);
@@ -456,6 +464,49 @@ NEUROSENS_CLONES void grad_task(const scalar_t* pa, const scalar_t* pb, const ac
   for (int t = 0; t < kMaxTensors; ++t) {
     stride[t] = L.ss[t][kMaxSpatial - 1];
     unit = unit && stride[t] == 1;
+  }
+  if (unit && L.size[0] == 1 && L.size[1] == 1) {
+    // One contiguous run per map (NCHW). Small maps cost a call each, and most maps are outside
+    // the selection: their zero gradients are written here, maps that lie back to back in one
+    // fill, and only the selected maps call the run loop.
+    scalar_t* zero_a = nullptr;
+    scalar_t* zero_b = nullptr;
+    int64_t zero_len = 0;
+    const auto flush = [&]() NEUROSENS_INLINE {
+      std::fill_n(zero_a, zero_len, scalar_t(0));
+      std::fill_n(zero_b, zero_len, scalar_t(0));
+      zero_len = 0;
+    };
+    // The selected maps are scattered, out of reach of the hardware prefetcher: each is fetched
+    // kAhead maps before its turn (its first kFetchBytes), or its reads wait on memory.
+    constexpr int64_t kAhead = 32, kLine = 64, kFetchBytes = 256;
+    const int64_t fetch = std::min<int64_t>(kFetchBytes, L.D * static_cast<int64_t>(sizeof(scalar_t)));
+    int64_t n_ahead = (begin + kAhead) / L.C, c_ahead = (begin + kAhead) % L.C;
+    for_each_map(L, begin, end, [&](int64_t r, int64_t n, int64_t c) NEUROSENS_INLINE {
+      if (r + kAhead < end && pw[c_ahead] != acc_t(0)) {
+        const char* fa = reinterpret_cast<const char*>(pa + n_ahead * L.sn[0] + c_ahead * L.sc[0]);
+        const char* fb = reinterpret_cast<const char*>(pb + n_ahead * L.sn[1] + c_ahead * L.sc[1]);
+        for (int64_t byte = 0; byte < fetch; byte += kLine) {
+          __builtin_prefetch(fa + byte);
+          __builtin_prefetch(fb + byte);
+        }
+      }
+      if (++c_ahead == L.C) c_ahead = 0, ++n_ahead;
+      acc_t k[kNumCoefs];
+      grad_coefficients<acc_t>(metric, pst + r * kNumStats, pw[c], D, k);
+      const Offsets o = offsets(L, n, c, 0, 0, 0);
+      scalar_t* ga = pga + o.t[2];
+      scalar_t* gb = pgb + o.t[3];
+      if (!no_gradient(k)) {
+        grad_of_run<true>(pa + o.t[0], pb + o.t[1], L.D, stride, k, ga, gb);
+        return;
+      }
+      if (zero_len > 0 && (ga != zero_a + zero_len || gb != zero_b + zero_len)) flush();
+      if (zero_len == 0) zero_a = ga, zero_b = gb;
+      zero_len += L.D;
+    });
+    if (zero_len > 0) flush();
+    return;
   }
   for_each_map(L, begin, end, [&](int64_t r, int64_t n, int64_t c) NEUROSENS_INLINE {
     acc_t k[kNumCoefs];
