@@ -81,18 +81,21 @@ def test_gradient_is_exactly_zero_outside_the_selection_whatever_the_values(devi
 @requires_ext
 @pytest.mark.parametrize("metric", METRICS)
 @pytest.mark.parametrize("samples_apart", [False, True])
-def test_gradient_of_maps_back_to_back_and_apart(metric, samples_apart):
-    # One contiguous run per map: runs of unselected maps are zeroed together where they lie back
-    # to back (contiguous), one by one where they do not (the sample dim outermost in memory).
+@pytest.mark.parametrize("N,C,D,num_threads", [(6, 70, 5, 1), (7, 300, 40, 2)])
+def test_gradient_of_maps_back_to_back_and_apart(metric, samples_apart, N, C, D, num_threads, threads):
+    # One contiguous run per map: the maps of a sample are zeroed in one fill where they lie back
+    # to back (contiguous), one by one where they do not (the neuron dim outermost in memory);
+    # with two threads the work is split inside a sample.
+    threads(num_threads)
     gen = torch.Generator().manual_seed(8)
 
     def make():
-        t = torch.randn(70, 6, 5, generator=gen, dtype=torch.float64).transpose(0, 1)
+        t = torch.randn(C, N, D, generator=gen, dtype=torch.float64).transpose(0, 1)
         return t if samples_apart else t.contiguous()
 
     a = make()
     b = a + 0.1 * make()
-    idx = torch.tensor([0, 1, 2, 33, 34, 50, 69, 69])
+    idx = torch.tensor([0, 1, 2, 33, 34, 50, C - 1, C - 1])
     x, y = a.clone().requires_grad_(), b.clone().requires_grad_()
     ops.stabilize(x, y, indices=idx, metric=metric).backward()
     assert x.grad.stride() == a.stride()
@@ -100,7 +103,7 @@ def test_gradient_of_maps_back_to_back_and_apart(metric, samples_apart):
     reference.stabilize(ra, rb, indices=idx, metric=metric)[0].backward()
     torch.testing.assert_close(x.grad, ra.grad, rtol=1e-10, atol=1e-14)
     torch.testing.assert_close(y.grad, rb.grad, rtol=1e-10, atol=1e-14)
-    outside = torch.ones(70, dtype=torch.bool)
+    outside = torch.ones(C, dtype=torch.bool)
     outside[idx] = False
     assert torch.equal(x.grad[:, outside], torch.zeros_like(x.grad[:, outside]))
 

@@ -466,46 +466,50 @@ NEUROSENS_CLONES void grad_task(const scalar_t* pa, const scalar_t* pb, const ac
     unit = unit && stride[t] == 1;
   }
   if (unit && L.size[0] == 1 && L.size[1] == 1) {
-    // One contiguous run per map (NCHW). Small maps cost a call each, and most maps are outside
-    // the selection: their zero gradients are written here, maps that lie back to back in one
-    // fill, and only the selected maps call the run loop.
-    scalar_t* zero_a = nullptr;
-    scalar_t* zero_b = nullptr;
-    int64_t zero_len = 0;
-    const auto flush = [&]() NEUROSENS_INLINE {
-      std::fill_n(zero_a, zero_len, scalar_t(0));
-      std::fill_n(zero_b, zero_len, scalar_t(0));
-      zero_len = 0;
-    };
-    // The selected maps are scattered, out of reach of the hardware prefetcher: each is fetched
-    // kAhead maps before its turn (its first kFetchBytes), or its reads wait on memory.
-    constexpr int64_t kAhead = 32, kLine = 64, kFetchBytes = 256;
+    // One contiguous run per map (NCHW), and most maps are outside the selection: a call per map
+    // would cost more than small maps take. Per sample, the gradient maps of the task's neurons
+    // are zeroed, in one fill where they lie back to back, and only the neurons with a weight
+    // (zero weight, zero coefficients) are visited.
+    std::vector<int64_t> weighted;  // ascending
+    for (int64_t c = 0; c < L.C; ++c)
+      if (pw[c] != acc_t(0)) weighted.push_back(c);
+    const bool back_to_back = L.sc[2] == L.D && L.sc[3] == L.D;
+    // The weighted maps are scattered, out of reach of the hardware prefetcher: each is fetched
+    // (its first kFetchBytes) kAhead maps before its turn, or its reads wait on memory.
+    constexpr int64_t kAhead = 4, kLine = 64, kFetchBytes = 256;
     const int64_t fetch = std::min<int64_t>(kFetchBytes, L.D * static_cast<int64_t>(sizeof(scalar_t)));
-    int64_t n_ahead = (begin + kAhead) / L.C, c_ahead = (begin + kAhead) % L.C;
-    for_each_map(L, begin, end, [&](int64_t r, int64_t n, int64_t c) NEUROSENS_INLINE {
-      if (r + kAhead < end && pw[c_ahead] != acc_t(0)) {
-        const char* fa = reinterpret_cast<const char*>(pa + n_ahead * L.sn[0] + c_ahead * L.sc[0]);
-        const char* fb = reinterpret_cast<const char*>(pb + n_ahead * L.sn[1] + c_ahead * L.sc[1]);
-        for (int64_t byte = 0; byte < fetch; byte += kLine) {
-          __builtin_prefetch(fa + byte);
-          __builtin_prefetch(fb + byte);
+    for (int64_t n = begin / L.C; n * L.C < end; ++n) {
+      const int64_t c0 = std::max<int64_t>(begin - n * L.C, 0), c1 = std::min<int64_t>(end - n * L.C, L.C);
+      const scalar_t* a = pa + n * L.sn[0];
+      const scalar_t* b = pb + n * L.sn[1];
+      scalar_t* ga = pga + n * L.sn[2];
+      scalar_t* gb = pgb + n * L.sn[3];
+      if (back_to_back) {
+        std::fill_n(ga + c0 * L.D, (c1 - c0) * L.D, scalar_t(0));
+        std::fill_n(gb + c0 * L.D, (c1 - c0) * L.D, scalar_t(0));
+      } else {
+        for (int64_t c = c0; c < c1; ++c) {
+          std::fill_n(ga + c * L.sc[2], L.D, scalar_t(0));
+          std::fill_n(gb + c * L.sc[3], L.D, scalar_t(0));
         }
       }
-      if (++c_ahead == L.C) c_ahead = 0, ++n_ahead;
-      acc_t k[kNumCoefs];
-      grad_coefficients<acc_t>(metric, pst + r * kNumStats, pw[c], D, k);
-      const Offsets o = offsets(L, n, c, 0, 0, 0);
-      scalar_t* ga = pga + o.t[2];
-      scalar_t* gb = pgb + o.t[3];
-      if (!no_gradient(k)) {
-        grad_of_run<true>(pa + o.t[0], pb + o.t[1], L.D, stride, k, ga, gb);
-        return;
+      const auto first = std::lower_bound(weighted.begin(), weighted.end(), c0);
+      const auto last = std::lower_bound(first, weighted.end(), c1);
+      for (auto it = first; it != last; ++it) {
+        if (last - it > kAhead) {
+          const char* fa = reinterpret_cast<const char*>(a + it[kAhead] * L.sc[0]);
+          const char* fb = reinterpret_cast<const char*>(b + it[kAhead] * L.sc[1]);
+          for (int64_t byte = 0; byte < fetch; byte += kLine) {
+            __builtin_prefetch(fa + byte);
+            __builtin_prefetch(fb + byte);
+          }
+        }
+        const int64_t c = *it;
+        acc_t k[kNumCoefs];
+        grad_coefficients<acc_t>(metric, pst + (n * L.C + c) * kNumStats, pw[c], D, k);
+        grad_of_run<true>(a + c * L.sc[0], b + c * L.sc[1], L.D, stride, k, ga + c * L.sc[2], gb + c * L.sc[3]);
       }
-      if (zero_len > 0 && (ga != zero_a + zero_len || gb != zero_b + zero_len)) flush();
-      if (zero_len == 0) zero_a = ga, zero_b = gb;
-      zero_len += L.D;
-    });
-    if (zero_len > 0) flush();
+    }
     return;
   }
   for_each_map(L, begin, end, [&](int64_t r, int64_t n, int64_t c) NEUROSENS_INLINE {
