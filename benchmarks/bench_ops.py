@@ -1,7 +1,8 @@
 """Fused ops against the best straightforward eager PyTorch, its torch.compile, and the read floor.
 
 For each activation shape (CIFAR ResNet-18 and MNIST CNN layers at batch 128) it times
-  * neuron_topk (forward): one pass over a and b, then top-k of the per-neuron means;
+  * neuron_distance (forward): one pass over a and b, the per-neuron sums over the batch;
+  * neuron_topk (forward): the same pass, then top-k of the per-neuron means;
   * stabilize forward + backward: the SNS loss (l1) and both input gradients;
 and the floor: reading a and b once (a.sum(); b.sum()) for the forward, plus reading them again
 and writing two gradients for the forward + backward. The fixed cost of a call (argument checks,
@@ -84,6 +85,10 @@ def eager_distances(a, b):
     return diff.flatten(2).mean(2) if diff.dim() > 2 else diff
 
 
+def eager_distance(a, b):
+    return eager_distances(a, b).sum(0)
+
+
 def eager_topk(a, b, k):
     return torch.topk(eager_distances(a, b).mean(0), k)
 
@@ -99,6 +104,16 @@ def compiled_fresh(fn):
     """torch.compile with static shapes and no cache carried over from another shape."""
     torch._dynamo.reset()
     return torch.compile(fn, dynamic=False)
+
+
+def distance_variants(a, b, k):
+    compiled = compiled_fresh(eager_distance)
+    return {
+        "floor": lambda: (a.sum(), b.sum()),
+        "fused": lambda: ops.neuron_distance(a, b),
+        "eager": lambda: eager_distance(a, b),
+        "compiled": lambda: compiled(a, b),
+    }
 
 
 def topk_variants(a, b, k):
@@ -153,6 +168,7 @@ def check_baselines(a, b, k):
     eager = eager_stabilize(xa, xb, k)
     torch.testing.assert_close(eager, fused.to(eager.dtype), rtol=1e-4, atol=1e-6)
     assert sorted(eager_topk(a, b, k).indices.tolist()) == sorted(picked.tolist())
+    torch.testing.assert_close(eager_distance(a, b), ops.neuron_distance(a, b).sum, rtol=1e-4, atol=1e-6)
 
 
 PEAK_SCRIPT = r"""
@@ -286,7 +302,8 @@ def main():
         a, b = make_inputs(shape, dtype, device, args.memory_format)
         k = max(1, shape[1] // 10)
         check_baselines(a, b, k)
-        for op, make in (("neuron_topk", topk_variants), ("stabilize fwd+bwd", stabilize_variants)):
+        for op, make in (("neuron_distance", distance_variants), ("neuron_topk", topk_variants),
+                         ("stabilize fwd+bwd", stabilize_variants)):
             times = timed_interleaved(make(a, b, k), device, args.repeats)
             row = {"op": op, "shape": list(shape), "dtype": args.dtype, "memory_format": args.memory_format,
                    "input_mb": 2 * a.numel() * a.element_size() / 2**20}
@@ -294,8 +311,8 @@ def main():
             row["fused_vs_floor"] = times["fused"] / times["floor"]
             row["eager_over_fused"] = times["eager"] / times["fused"]
             row["compiled_over_fused"] = times["compiled"] / times["fused"]
-            # topk reads a and b; stabilize forward + backward reads them twice and writes two gradients
-            moved = (2 if op == "neuron_topk" else 6) * a.numel() * a.element_size()
+            # the forwards read a and b; stabilize forward + backward reads them twice and writes two gradients
+            moved = (6 if op == "stabilize fwd+bwd" else 2) * a.numel() * a.element_size()
             row["fused_of_copy_bandwidth"] = moved / times["fused"] / copy_bw
             if op == "neuron_topk":
                 for variant in ("fused", "eager"):

@@ -1,6 +1,6 @@
 // Entry point of the extension: the op schemas and a small pybind11 module that reports what
 // was built. Kernels register themselves per backend (cpu/, cuda/); the device-agnostic op
-// bodies live in ops.cpp.
+// bodies live in ops.cpp, the autograd of stabilize in autograd.cpp.
 #include <torch/extension.h>
 #include <torch/library.h>
 
@@ -27,7 +27,7 @@ TORCH_LIBRARY(neurosens, m) {
 }
 
 // The statistics are not differentiable: with inputs that require grad they return plain
-// tensors. stabilize gets its autograd in Python (neurosens/ops.py).
+// tensors. stabilize and its backward get their autograd in autograd.cpp.
 TORCH_LIBRARY_IMPL(neurosens, Autograd, m) {
   for (const char* name : {"_pair_stats", "_stabilize_grad", "neuron_distance", "neuron_distance_per_sample", "neuron_topk"})
     m.impl(name, torch::CppFunction::makeFallthrough());

@@ -1,7 +1,7 @@
 // The public ops, written once for every device over the two per-backend kernels
 // (_pair_stats, _stabilize_grad). Everything here works on [N, C]-sized tensors only: the
-// activations themselves are read by the kernels and nowhere else. The CPU has its own
-// neuron_distance(_per_sample) and neuron_topk (cpu/), which turn statistics into distances as
+// activations themselves are read by the kernels and nowhere else. The CPU has its own version
+// of every public op and of _stabilize_backward (cpu/), which turn statistics into distances as
 // they are summed: at the late layers' sizes the ATen ops here would cost more than the pass.
 #include <ATen/ATen.h>
 #include <ATen/core/dispatch/Dispatcher.h>
@@ -95,12 +95,7 @@ std::tuple<at::Tensor, at::Tensor> neuron_topk(const at::Tensor& a, const at::Te
 // Indices must lie in [0, C). On a GPU the check runs on the device (an asynchronous assert), so
 // that a training step neither waits for the GPU nor breaks CUDA-graph capture.
 void check_index_range(const at::Tensor& idx, int64_t C, const at::Tensor& a, const char* op) {
-  if (idx.device().is_cpu()) {
-    const auto lo = idx.min().item<int64_t>(), hi = idx.max().item<int64_t>();
-    TORCH_CHECK_VALUE(lo >= 0 && hi < C, op, ": indices must lie in [0, ", C, ") for activations of shape ",
-                      shape_str(a), ", got values in [", lo, ", ", hi, "]");
-    return;
-  }
+  if (idx.device().is_cpu()) return check_index_range_host(idx, C, a, op);
   // A fixed message: nothing is formatted on the success path of every step.
   at::_assert_async(idx.ge(0).logical_and(idx.lt(C)).all(),
                     "neurosens.stabilize: indices must lie in [0, C), C the activations' neuron count");
@@ -119,11 +114,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> stabilize(const at::Tensor& a, co
   at::Tensor selected;
   if (indices.has_value()) {
     const at::Tensor& idx = *indices;
-    TORCH_CHECK_VALUE(idx.dim() == 1 && idx.scalar_type() == at::kLong, op,
-                      ": indices must be a 1-D int64 tensor, got ", idx.scalar_type(), " of shape ", shape_str(idx));
-    TORCH_CHECK_VALUE(idx.device() == a.device(), op, ": indices are on ", idx.device(), " but a is on ", a.device());
-    TORCH_CHECK_VALUE(k == idx.numel(), op, ": k=", k, " does not match ", idx.numel(), " indices");
-    check_k(k, C, a, op);
+    check_indices(idx, k, C, a, op);
     check_index_range(idx, C, a, op);
     selected = idx.clone();
   } else {

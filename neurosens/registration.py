@@ -1,12 +1,13 @@
 """What torch needs to know about the extension's ops beyond their C++ kernels: fake kernels
-(output shapes for torch.compile and meta tensors) and the autograd of ``stabilize``."""
+(output shapes for torch.compile and meta tensors). The autograd of ``stabilize`` is C++
+(csrc/autograd.cpp), so a training step reaches the kernels without a Python frame."""
 import torch
 
 from .reference import compute_dtype
 
 
 def register():
-    """Register the fake kernels and the autograd formula; call once, after the extension loaded."""
+    """Register the fake kernels; call once, after the extension loaded."""
 
     def acc_dtype(x):
         return compute_dtype(x.dtype)
@@ -39,31 +40,3 @@ def register():
     @torch.library.register_fake("neurosens::_stabilize_backward")
     def _(grad, a, b, indices, stats, metric, channel_dim):
         return torch.empty_like(a), torch.empty_like(b)
-
-    def setup_context(ctx, inputs, output):
-        a, b, _, _, metric, _, channel_dim = inputs
-        _, indices, stats = output
-        ctx.save_for_backward(a, b, indices, stats)
-        ctx.mark_non_differentiable(indices, stats)
-        # The gradients of indices and stats are never used: left undefined, autograd does not fill
-        # an [N, C, 6] tensor of zeros for them at every backward.
-        ctx.set_materialize_grads(False)
-        ctx.metric, ctx.channel_dim = metric, channel_dim
-
-    def backward(ctx, grad_loss, _grad_indices, _grad_stats):
-        if grad_loss is None:
-            return None, None, None, None, None, None, None
-        a, b, indices, stats = ctx.saved_tensors
-        grad_a, grad_b = torch.ops.neurosens._stabilize_backward(grad_loss, a, b, indices, stats, ctx.metric, ctx.channel_dim)
-        need_a, need_b = ctx.needs_input_grad[:2]
-        return (grad_a if need_a else None), (grad_b if need_b else None), None, None, None, None, None
-
-    torch.library.register_autograd("neurosens::stabilize", backward, setup_context=setup_context)
-
-    def double_backward(ctx, _grad_a, _grad_b):
-        raise RuntimeError(
-            "neurosens.stabilize: second-order gradients are not supported (its fused backward is not differentiable); "
-            "use neurosens.reference.stabilize for double backward"
-        )
-
-    torch.library.register_autograd("neurosens::_stabilize_backward", double_backward, setup_context=lambda ctx, inputs, output: None)

@@ -79,6 +79,36 @@ def test_gradient_is_exactly_zero_outside_the_selection_whatever_the_values(devi
 
 
 @requires_ext
+@pytest.mark.parametrize("metric", METRICS)
+@pytest.mark.parametrize("samples_apart", [False, True])
+@pytest.mark.parametrize("N,C,D,num_threads", [(6, 70, 5, 1), (7, 300, 40, 2)])
+def test_gradient_of_maps_back_to_back_and_apart(metric, samples_apart, N, C, D, num_threads, threads):
+    # One contiguous run per map: the maps of a sample are zeroed in one fill where they lie back
+    # to back (contiguous), one by one where they do not (the neuron dim outermost in memory);
+    # with two threads the work is split inside a sample.
+    threads(num_threads)
+    gen = torch.Generator().manual_seed(8)
+
+    def make():
+        t = torch.randn(C, N, D, generator=gen, dtype=torch.float64).transpose(0, 1)
+        return t if samples_apart else t.contiguous()
+
+    a = make()
+    b = a + 0.1 * make()
+    idx = torch.tensor([0, 1, 2, 33, 34, 50, C - 1, C - 1])
+    x, y = a.clone().requires_grad_(), b.clone().requires_grad_()
+    ops.stabilize(x, y, indices=idx, metric=metric).backward()
+    assert x.grad.stride() == a.stride()
+    ra, rb = a.clone().requires_grad_(), b.clone().requires_grad_()
+    reference.stabilize(ra, rb, indices=idx, metric=metric)[0].backward()
+    torch.testing.assert_close(x.grad, ra.grad, rtol=1e-10, atol=1e-14)
+    torch.testing.assert_close(y.grad, rb.grad, rtol=1e-10, atol=1e-14)
+    outside = torch.ones(C, dtype=torch.bool)
+    outside[idx] = False
+    assert torch.equal(x.grad[:, outside], torch.zeros_like(x.grad[:, outside]))
+
+
+@requires_ext
 @pytest.mark.parametrize("device", DEVICES)
 def test_l1_gradient_of_a_selected_infinite_neuron_is_its_sign(device):
     a = torch.zeros(2, 3, 4, dtype=torch.float64, device=device)
@@ -233,6 +263,21 @@ def test_topk_ties_go_to_the_lower_index(device, layout, backend, monkeypatch):
     assert ops.neuron_topk(a, b, 8).indices.tolist() == [7, 1500, 2999, 0, 1, 2, 3, 4]
     assert ops.neuron_topk(a, b, 300, largest=False).indices.tolist() == [i for i in range(301) if i != 7]
     assert ops.stabilize(a, b, k=6, return_indices=True)[1].tolist() == [7, 1500, 2999, 0, 1, 2]
+
+
+@requires_ext
+@pytest.mark.parametrize("select_metric", METRICS)
+def test_stabilize_selects_a_nan_neuron_first(select_metric):
+    gen = torch.Generator().manual_seed(3)
+    a = torch.randn(4, 7, 5, generator=gen)
+    b = a + torch.randn(4, 7, 5, generator=gen)
+    a[2, 5, 1] = float("nan")
+    means = reference.neuron_distance_per_sample(a.double(), b.double(), select_metric).mean(0)
+    expected = torch.sort(means, descending=True, stable=True).indices[:3].tolist()
+    assert expected[0] == 5
+    loss, idx = ops.stabilize(a, b, k=3, metric="l1", select_metric=select_metric, return_indices=True)
+    assert idx.tolist() == expected
+    assert torch.isnan(loss)
 
 
 def _launch(kernel, N, C, D, sms):

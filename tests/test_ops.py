@@ -158,6 +158,61 @@ def test_stabilize_gradcheck(device, metric, layout):
 
 
 @requires_ext
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("metric,select_metric", [("l1", "l2"), ("cosine", "l1"), ("l2", "cosine"), ("l2", "l2")])
+def test_stabilize_selects_by_its_own_metric(device, metric, select_metric):
+    gen = torch.Generator().manual_seed(11)
+    a = torch.randn(5, 12, 3, 4, generator=gen, dtype=torch.float64)
+    b = a + 0.5 * torch.randn(5, 12, 3, 4, generator=gen, dtype=torch.float64)
+    a, b = a.to(device), b.to(device)
+    loss, idx = ops.stabilize(a, b, k=4, metric=metric, select_metric=select_metric, return_indices=True)
+    means = reference.neuron_distance_per_sample(a, b, select_metric).mean(0)
+    assert idx.tolist() == torch.sort(means, descending=True, stable=True).indices[:4].tolist()
+    expected = reference.neuron_distance_per_sample(a, b, metric)[:, idx].mean()
+    torch.testing.assert_close(loss, expected, **tolerance(torch.float64))
+
+
+@requires_ext
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_stabilize_gradient_by_hand(device, dtype):
+    # l2 of neuron c over N samples and k listed neurons: d loss / d a = (a - b) / (|a - b| D N k)
+    # per listed time; a neuron listed twice counts twice, one not listed gets zero.
+    gen = torch.Generator().manual_seed(4)
+    a = torch.randn(3, 5, 2, 3, generator=gen, dtype=torch.float64)
+    b = a + torch.randn(3, 5, 2, 3, generator=gen, dtype=torch.float64)
+    idx = [3, 0, 3]
+    diff = a - b
+    norm = diff.flatten(2).norm(dim=2)[:, :, None, None]
+    times = torch.tensor([idx.count(c) for c in range(5)], dtype=torch.float64)[None, :, None, None]
+    expected = 2.5 * times * diff / (norm * 6 * 3 * len(idx))
+    x, y = a.to(device, dtype).requires_grad_(), b.to(device, dtype).requires_grad_()
+    loss = ops.stabilize(x, y, indices=torch.tensor(idx, device=device), metric="l2")
+    torch.testing.assert_close(loss.double().cpu(), (norm[..., 0, 0] / 6)[:, idx].mean(), rtol=1e-5, atol=0)
+    (2.5 * loss).backward()
+    torch.testing.assert_close(x.grad.double().cpu(), expected, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(y.grad.double().cpu(), -expected, rtol=1e-5, atol=1e-7)
+
+
+@requires_ext
+def test_stabilize_gradient_only_where_asked():
+    a = torch.randn(4, 6, 5)
+    b = a + torch.randn(4, 6, 5)
+    y = b.clone().requires_grad_()
+    ops.stabilize(a, y, k=2).backward()  # a does not require grad
+    ref_b = b.clone().requires_grad_()
+    reference.stabilize(a, ref_b, k=2)[0].backward()
+    torch.testing.assert_close(y.grad, ref_b.grad)
+    x = a.clone().requires_grad_()
+    (only_a,) = torch.autograd.grad(ops.stabilize(x, b, k=2), [x])
+    ref_a = a.clone().requires_grad_()
+    reference.stabilize(ref_a, b, k=2)[0].backward()
+    torch.testing.assert_close(only_a, ref_a.grad)
+    with torch.no_grad():
+        assert not ops.stabilize(x, y, k=2).requires_grad
+
+
+@requires_ext
 def test_stabilize_edge_cases_have_finite_gradients():
     a = torch.randn(3, 4, 5, 5, dtype=torch.float64)
     a[:, 1] = 0.0  # a dead neuron: both maps zero
@@ -194,6 +249,8 @@ def test_opcheck_every_op(device):
         (nsops.neuron_topk.default, (a, b, 2, "l1", 1, False, True)),
         (nsops.stabilize.default, (a.requires_grad_(), b.requires_grad_(), None, 2, "cosine", "l1", 1)),
         (nsops.stabilize.default, (a, b, idx, 3, "l2", "l1", 1)),
+        (nsops.stabilize.default, (a, b, None, 2, "l1", "cosine", 1)),
+        (nsops.stabilize.default, (a, b, torch.tensor([4, 1, 4], device=device), 3, "l1", "l1", 1)),
         (nsops._stabilize_backward.default, (torch.tensor(1.0, device=device), a.detach(), b.detach(), idx, stats, "cosine", 1)),
     ]
     for op, args in cases:

@@ -5,6 +5,7 @@
 #include <ATen/ATen.h>
 #include <ATen/OpMathType.h>
 
+#include <algorithm>
 #include <string>
 
 #include "common/metric.h"
@@ -35,6 +36,25 @@ inline Metric parse_distance_metric(const std::string& metric, bool relative, co
 inline void check_k(int64_t k, int64_t C, const at::Tensor& a, const char* op) {
   TORCH_CHECK_VALUE(k >= 1 && k <= C, op, ": k=", k, " is out of range: activations of shape ", shape_str(a),
                     " have ", C, " neurons, so k must be in [1, ", C, "]");
+}
+
+// Indices given to stabilize: a 1-D int64 tensor of k neurons on a's device (their range is
+// checked apart, where the backend can: check_index_range_host on the CPU).
+inline void check_indices(const at::Tensor& idx, int64_t k, int64_t C, const at::Tensor& a, const char* op) {
+  TORCH_CHECK_VALUE(idx.dim() == 1 && idx.scalar_type() == at::kLong, op, ": indices must be a 1-D int64 tensor, got ",
+                    idx.scalar_type(), " of shape ", shape_str(idx));
+  TORCH_CHECK_VALUE(idx.device() == a.device(), op, ": indices are on ", idx.device(), " but a is on ", a.device());
+  TORCH_CHECK_VALUE(k == idx.numel(), op, ": k=", k, " does not match ", idx.numel(), " indices");
+  check_k(k, C, a, op);
+}
+
+// Every index of a CPU tensor lies in [0, C), read in place (no ATen op on the success path).
+inline void check_index_range_host(const at::Tensor& idx, int64_t C, const at::Tensor& a, const char* op) {
+  const auto v = idx.accessor<int64_t, 1>();
+  int64_t lo = v[0], hi = v[0];
+  for (int64_t i = 1; i < v.size(0); ++i) lo = std::min(lo, v[i]), hi = std::max(hi, v[i]);
+  TORCH_CHECK_VALUE(lo >= 0 && hi < C, op, ": indices must lie in [0, ", C, ") for activations of shape ", shape_str(a),
+                    ", got values in [", lo, ", ", hi, "]");
 }
 
 // The dtype sums are kept in: float32 for float16/bfloat16/float32 inputs, float64 for float64

@@ -7,6 +7,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <memory>
 #include <string>
 #include <type_traits>
 #include <vector>
@@ -265,17 +266,21 @@ at::Tensor distances_cpu(const at::Tensor& a, const at::Tensor& b, const std::st
   return out;
 }
 
-// Per-neuron sums over the samples of [N, C] distances, summed in double and divided by `divisor`.
+// Per-neuron sums over the samples of N x C distances `dist`, summed in double and divided by
+// `divisor`, into out[C].
+template <typename scalar_t>
+void column_sums(const scalar_t* dist, int64_t N, int64_t C, double divisor, scalar_t* out) {
+  std::vector<double> total(dist, dist + C);
+  for (int64_t n = 1; n < N; ++n)
+    for (int64_t c = 0; c < C; ++c) total[c] += dist[n * C + c];
+  for (int64_t c = 0; c < C; ++c) out[c] = static_cast<scalar_t>(total[c] / divisor);
+}
+
 at::Tensor batch_sums(const at::Tensor& dist, double divisor) {
   const int64_t N = dist.size(0), C = dist.size(1);
   at::Tensor out = at::empty({C}, dist.options());
   AT_DISPATCH_FLOATING_TYPES(dist.scalar_type(), "neurosens.batch_sums", [&] {
-    const scalar_t* pd = dist.const_data_ptr<scalar_t>();
-    scalar_t* po = out.mutable_data_ptr<scalar_t>();
-    std::vector<double> total(pd, pd + C);
-    for (int64_t n = 1; n < N; ++n)
-      for (int64_t c = 0; c < C; ++c) total[c] += pd[n * C + c];
-    for (int64_t c = 0; c < C; ++c) po[c] = static_cast<scalar_t>(total[c] / divisor);
+    column_sums(dist.const_data_ptr<scalar_t>(), N, C, divisor, out.mutable_data_ptr<scalar_t>());
   });
   return out;
 }
@@ -290,26 +295,32 @@ at::Tensor neuron_distance_cpu(const at::Tensor& a, const at::Tensor& b, c10::st
   return batch_sums(distances_cpu(a, b, std::string(metric), channel_dim, relative, "neurosens.neuron_distance"), 1.0);
 }
 
-// The k largest (largest=false: smallest) of `values`, sorted, as torch.sort orders them (NaN above
-// every number) with the lower index first between equal values.
+// The indices of the k largest (largest=false: smallest) of v[C], sorted, into idx[k], as
+// torch.sort orders them (NaN above every number) with the lower index first between equal values.
+template <typename scalar_t>
+void topk_indices(const scalar_t* v, int64_t C, int64_t k, bool largest, int64_t* idx) {
+  std::vector<int64_t> order(C);
+  for (int64_t c = 0; c < C; ++c) order[c] = c;
+  auto before = [&](int64_t i, int64_t j) {
+    const bool nan_i = std::isnan(v[i]), nan_j = std::isnan(v[j]);
+    if (nan_i != nan_j) return largest ? nan_i : nan_j;
+    if (!nan_i && v[i] != v[j]) return largest ? v[i] > v[j] : v[i] < v[j];
+    return i < j;
+  };
+  std::partial_sort(order.begin(), order.begin() + k, order.end(), before);
+  std::copy_n(order.begin(), k, idx);
+}
+
+// The k largest (largest=false: smallest) of `values`, sorted (topk_indices), with their indices.
 std::tuple<at::Tensor, at::Tensor> topk_cpu(const at::Tensor& values, int64_t k, bool largest) {
-  const int64_t C = values.size(0);
   at::Tensor top = at::empty({k}, values.options());
   at::Tensor idx = at::empty({k}, values.options().dtype(at::kLong));
   AT_DISPATCH_FLOATING_TYPES(values.scalar_type(), "neurosens.topk", [&] {
     const scalar_t* v = values.const_data_ptr<scalar_t>();
     int64_t* pi = idx.mutable_data_ptr<int64_t>();
-    std::vector<int64_t> order(C);
-    for (int64_t c = 0; c < C; ++c) order[c] = c;
-    auto before = [&](int64_t i, int64_t j) {
-      const bool nan_i = std::isnan(v[i]), nan_j = std::isnan(v[j]);
-      if (nan_i != nan_j) return largest ? nan_i : nan_j;
-      if (!nan_i && v[i] != v[j]) return largest ? v[i] > v[j] : v[i] < v[j];
-      return i < j;
-    };
-    std::partial_sort(order.begin(), order.begin() + k, order.end(), before);
+    topk_indices(v, values.size(0), k, largest, pi);
     scalar_t* pt = top.mutable_data_ptr<scalar_t>();
-    for (int64_t i = 0; i < k; ++i) pi[i] = order[i], pt[i] = v[order[i]];
+    for (int64_t i = 0; i < k; ++i) pt[i] = v[pi[i]];
   });
   return {top, idx};
 }
@@ -323,6 +334,74 @@ std::tuple<at::Tensor, at::Tensor> neuron_topk_cpu(const at::Tensor& a, const at
   return topk_cpu(batch_sums(dist, static_cast<double>(dist.size(0))), k, largest);
 }
 
+// stabilize in one pass: the statistics the backward needs are written, and each (sample,
+// neuron)'s distance by the loss metric (and, when selecting, by the selection metric) taken from
+// them as they are summed; the top-k of the selection means and the loss over the selected
+// neurons are then sums over those [N, C] distances, in double (as neuron_topk's means).
+std::tuple<at::Tensor, at::Tensor, at::Tensor> stabilize_cpu(const at::Tensor& a, const at::Tensor& b,
+                                                             const std::optional<at::Tensor>& indices, int64_t k,
+                                                             c10::string_view metric, c10::string_view select_metric,
+                                                             int64_t channel_dim) {
+  const char* op = "neurosens.stabilize";
+  const Metric m = parse_metric(std::string(metric), op, "metric");
+  const int64_t cdim = check_pair(a, b, channel_dim, op);
+  const Metric sm = parse_metric(std::string(select_metric), op, "select_metric");
+  const PairLayout L = make_layout({a, b}, cdim, op);
+  const int64_t N = L.N, C = L.C;
+  const bool given = indices.has_value();
+  if (given) {
+    check_indices(*indices, k, C, a, op);
+    check_index_range_host(*indices, C, a, op);
+  } else {
+    check_k(k, C, a, op);
+  }
+  at::Tensor selected = at::empty({k}, a.options().dtype(at::kLong));
+  if (given) {
+    const auto idx = indices->accessor<int64_t, 1>();
+    int64_t* ps = selected.mutable_data_ptr<int64_t>();
+    for (int64_t j = 0; j < k; ++j) ps[j] = idx[j];
+  }
+  const int keep = stats_for(m) | (given ? 0 : stats_for(sm));
+  const auto acc = a.options().dtype(accumulation_dtype(a));
+  at::Tensor stats = at::empty({N, C, kNumStats}, acc);
+  at::Tensor loss = at::empty({}, acc);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.scalar_type(), "neurosens.stabilize", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const acc_t D = static_cast<acc_t>(L.D);
+    const bool separate = !given && sm != m;  // the selection needs distances of its own
+    std::unique_ptr<acc_t[]> loss_dist(new acc_t[N * C]);
+    std::unique_ptr<acc_t[]> select_dist(separate ? new acc_t[N * C] : nullptr);
+    acc_t* pl = loss_dist.get();
+    acc_t* psel = separate ? select_dist.get() : pl;
+    acc_t* pst = stats.mutable_data_ptr<acc_t>();
+    for_each_stats<scalar_t>(a, b, L, keep, [=](int64_t n, int64_t c, const acc_t* st) NEUROSENS_INLINE {
+      acc_t* out = pst + (n * C + c) * kNumStats;
+      for (int s = 0; s < kNumStats; ++s) out[s] = has_stat(keep, s) ? st[s] : acc_t(0);
+      pl[n * C + c] = distance_from_stats<acc_t>(m, st, D, false);
+      if (separate) psel[n * C + c] = distance_from_stats<acc_t>(sm, st, D, false);
+    });
+    int64_t* ps = selected.mutable_data_ptr<int64_t>();
+    if (!given) {
+      std::vector<acc_t> means(C);
+      column_sums(psel, N, C, static_cast<double>(N), means.data());
+      topk_indices(means.data(), C, k, /*largest=*/true, ps);
+    }
+    double total = 0;
+    for (int64_t n = 0; n < N; ++n)
+      for (int64_t j = 0; j < k; ++j) total += pl[n * C + ps[j]];
+    *loss.mutable_data_ptr<acc_t>() = static_cast<acc_t>(total / static_cast<double>(N * k));
+  });
+  return {loss, selected, stats};
+}
+
+// All coefficients of a map are zero (a neuron outside the selection): its gradient is zero.
+template <typename acc_t>
+NEUROSENS_INLINE inline bool no_gradient(const acc_t* k) {
+  bool zero = true;
+  for (int i = 0; i < kNumCoefs; ++i) zero = zero && k[i] == acc_t(0);
+  return zero;
+}
+
 // Gradients of one run with the coefficients k of its map. kUnit: stride 1 in all four tensors.
 // The gradient loops are functions of their own: inlined into the task they do not vectorize.
 template <bool kUnit, typename scalar_t, typename acc_t>
@@ -330,7 +409,7 @@ NEUROSENS_CLONES void grad_of_run(const scalar_t* __restrict__ a, const scalar_t
                         const int64_t* stride, const acc_t* k, scalar_t* __restrict__ ga, scalar_t* __restrict__ gb) {
   const acc_t aa = k[kAA], ab = k[kAB], ba = k[kBA], bb = k[kBB], sign = k[kSign];
   const int64_t sa = stride[0], sb = stride[1], sga = stride[2], sgb = stride[3];
-  if (aa == acc_t(0) && ab == acc_t(0) && ba == acc_t(0) && bb == acc_t(0) && sign == acc_t(0)) {
+  if (no_gradient(k)) {
     // A neuron outside the selection (most of them): its gradient is zero, a and b need no read.
     for (int64_t i = 0; i < len; ++i) {
       ga[kUnit ? i : i * sga] = scalar_t(0);
@@ -386,6 +465,53 @@ NEUROSENS_CLONES void grad_task(const scalar_t* pa, const scalar_t* pb, const ac
     stride[t] = L.ss[t][kMaxSpatial - 1];
     unit = unit && stride[t] == 1;
   }
+  if (unit && L.size[0] == 1 && L.size[1] == 1) {
+    // One contiguous run per map (NCHW), and most maps are outside the selection: a call per map
+    // would cost more than small maps take. Per sample, the gradient maps of the task's neurons
+    // are zeroed, in one fill where they lie back to back, and only the neurons with a weight
+    // (zero weight, zero coefficients) are visited.
+    std::vector<int64_t> weighted;  // ascending
+    for (int64_t c = 0; c < L.C; ++c)
+      if (pw[c] != acc_t(0)) weighted.push_back(c);
+    const bool back_to_back = L.sc[2] == L.D && L.sc[3] == L.D;
+    // The weighted maps are scattered, out of reach of the hardware prefetcher: each is fetched
+    // (its first kFetchBytes) kAhead maps before its turn, or its reads wait on memory.
+    constexpr int64_t kAhead = 4, kLine = 64, kFetchBytes = 256;
+    const int64_t fetch = std::min<int64_t>(kFetchBytes, L.D * static_cast<int64_t>(sizeof(scalar_t)));
+    for (int64_t n = begin / L.C; n * L.C < end; ++n) {
+      const int64_t c0 = std::max<int64_t>(begin - n * L.C, 0), c1 = std::min<int64_t>(end - n * L.C, L.C);
+      const scalar_t* a = pa + n * L.sn[0];
+      const scalar_t* b = pb + n * L.sn[1];
+      scalar_t* ga = pga + n * L.sn[2];
+      scalar_t* gb = pgb + n * L.sn[3];
+      if (back_to_back) {
+        std::fill_n(ga + c0 * L.D, (c1 - c0) * L.D, scalar_t(0));
+        std::fill_n(gb + c0 * L.D, (c1 - c0) * L.D, scalar_t(0));
+      } else {
+        for (int64_t c = c0; c < c1; ++c) {
+          std::fill_n(ga + c * L.sc[2], L.D, scalar_t(0));
+          std::fill_n(gb + c * L.sc[3], L.D, scalar_t(0));
+        }
+      }
+      const auto first = std::lower_bound(weighted.begin(), weighted.end(), c0);
+      const auto last = std::lower_bound(first, weighted.end(), c1);
+      for (auto it = first; it != last; ++it) {
+        if (last - it > kAhead) {
+          const char* fa = reinterpret_cast<const char*>(a + it[kAhead] * L.sc[0]);
+          const char* fb = reinterpret_cast<const char*>(b + it[kAhead] * L.sc[1]);
+          for (int64_t byte = 0; byte < fetch; byte += kLine) {
+            __builtin_prefetch(fa + byte);
+            __builtin_prefetch(fb + byte);
+          }
+        }
+        const int64_t c = *it;
+        acc_t k[kNumCoefs];
+        grad_coefficients<acc_t>(metric, pst + (n * L.C + c) * kNumStats, pw[c], D, k);
+        grad_of_run<true>(a + c * L.sc[0], b + c * L.sc[1], L.D, stride, k, ga + c * L.sc[2], gb + c * L.sc[3]);
+      }
+    }
+    return;
+  }
   for_each_map(L, begin, end, [&](int64_t r, int64_t n, int64_t c) NEUROSENS_INLINE {
     acc_t k[kNumCoefs];
     grad_coefficients<acc_t>(metric, pst + r * kNumStats, pw[c], D, k);
@@ -398,10 +524,8 @@ NEUROSENS_CLONES void grad_task(const scalar_t* pa, const scalar_t* pb, const ac
   });
 }
 
-std::tuple<at::Tensor, at::Tensor> stabilize_grad_cpu(const at::Tensor& a, const at::Tensor& b, const at::Tensor& stats,
-                                                      const at::Tensor& weight, c10::string_view metric,
-                                                      int64_t channel_dim) {
-  GradCall call = begin_stabilize_grad(a, b, stats, weight, metric, channel_dim);
+// The gradient pass of a checked call.
+std::tuple<at::Tensor, at::Tensor> grad_pass_cpu(const at::Tensor& a, const at::Tensor& b, const GradCall& call) {
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.scalar_type(), "neurosens._stabilize_grad", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const scalar_t* pa = a.const_data_ptr<scalar_t>();
@@ -417,6 +541,42 @@ std::tuple<at::Tensor, at::Tensor> stabilize_grad_cpu(const at::Tensor& a, const
   return {call.grad_a, call.grad_b};
 }
 
+std::tuple<at::Tensor, at::Tensor> stabilize_grad_cpu(const at::Tensor& a, const at::Tensor& b, const at::Tensor& stats,
+                                                      const at::Tensor& weight, c10::string_view metric,
+                                                      int64_t channel_dim) {
+  return grad_pass_cpu(a, b, begin_stabilize_grad(a, b, stats, weight, metric, channel_dim));
+}
+
+// The backward of stabilize: d loss / d dist(n, c) is grad / (N * k) for each time neuron c is
+// listed in `indices` (a neuron listed twice counts twice, as in the forward), zero elsewhere.
+std::tuple<at::Tensor, at::Tensor> stabilize_backward_cpu(const at::Tensor& grad, const at::Tensor& a,
+                                                          const at::Tensor& b, const at::Tensor& indices,
+                                                          const at::Tensor& stats, c10::string_view metric,
+                                                          int64_t channel_dim) {
+  const char* op = "neurosens._stabilize_backward";
+  const int64_t cdim = check_pair(a, b, channel_dim, op);
+  const int64_t C = a.size(cdim), k = indices.numel();
+  check_indices(indices, k, C, a, op);
+  check_index_range_host(indices, C, a, op);
+  TORCH_CHECK(grad.numel() == 1, op, ": grad must hold one value (the loss is a scalar), got shape ", shape_str(grad));
+  at::Tensor weight = at::empty({C}, a.options().dtype(accumulation_dtype(a)));
+  AT_DISPATCH_FLOATING_TYPES(weight.scalar_type(), "neurosens._stabilize_backward", [&] {
+    using acc_t = scalar_t;
+    double g = 0;
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad.scalar_type(), "neurosens._stabilize_backward", [&] {
+      g = static_cast<double>(*grad.const_data_ptr<scalar_t>());
+    });
+    // As (grad in acc_t) / (N * k) in acc_t.
+    const acc_t unit = static_cast<acc_t>(g) / static_cast<acc_t>(a.size(0) * k);
+    acc_t* w = weight.mutable_data_ptr<acc_t>();
+    std::fill_n(w, C, acc_t(0));
+    const auto idx = indices.accessor<int64_t, 1>();
+    for (int64_t j = 0; j < k; ++j) w[idx[j]] += acc_t(1);
+    for (int64_t c = 0; c < C; ++c) w[c] *= unit;
+  });
+  return grad_pass_cpu(a, b, begin_stabilize_grad(a, b, stats, weight, metric, cdim));
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(neurosens, CPU, m) {
@@ -425,6 +585,8 @@ TORCH_LIBRARY_IMPL(neurosens, CPU, m) {
   m.impl("neuron_distance", &neuron_distance_cpu);
   m.impl("neuron_distance_per_sample", &neuron_distance_per_sample_cpu);
   m.impl("neuron_topk", &neuron_topk_cpu);
+  m.impl("stabilize", &stabilize_cpu);
+  m.impl("_stabilize_backward", &stabilize_backward_cpu);
 }
 
 }  // namespace neurosens
