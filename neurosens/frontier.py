@@ -103,8 +103,9 @@ def _point(folder, attack, eval_name, knobs):
     for name in ("clean", attack):
         if name not in results:
             raise ValueError(f"{folder / eval_name}: no {name!r} result (it has {', '.join(results) or 'none'})")
-    return Point(method, knob, float(config[knob]), int(config.get("seed", 0)), float(results["clean"]["accuracy"]),
-                 float(results[attack]["accuracy"]), int(report["n"]), str(folder)), (report.get("eps"), report.get("norm"), report["n"])
+    point = Point(method, knob, float(config[knob]), int(config.get("seed", 0)), float(results["clean"]["accuracy"]),
+                  float(results[attack]["accuracy"]), int(report["n"]), str(folder))
+    return point, (report.get("eps"), report.get("norm"), point.n)
 
 
 def collect(folders, attack, eval_name=EVAL, knobs=None):
@@ -185,10 +186,13 @@ def method_front(summaries, method):
     return [rows[i] for i in pareto_front([(s.clean, s.robust) for s in rows])]
 
 
-def robust_at_clean(front, clean):
+def robust_at_clean(front, clean, clean_error=False):
     """``(robust, se)`` of a front (:func:`method_front`) at clean accuracy ``clean``: linear
     interpolation between the two neighbouring points, ``robust = (1 - w) r0 + w r1`` with
-    ``w = (clean - c0) / (c1 - c0)`` and ``se = sqrt((1 - w)^2 se0^2 + w^2 se1^2)`` (independent runs).
+    ``w = (clean - c0) / (c1 - c0)`` and ``se^2 = (1 - w)^2 se0^2 + w^2 se1^2`` (independent runs).
+    With ``clean_error``, the points' clean accuracies are uncertain too: moving the segment
+    sideways moves the reading by its slope ``s = (r1 - r0) / (c1 - c0)``, which adds
+    ``s^2 ((1 - w)^2 cse0^2 + w^2 cse1^2)`` to ``se^2`` (``cse``: the points' clean standard errors).
     Outside the front's clean range the front says nothing: ``(nan, nan)``."""
     _check_accuracy(clean, "clean")
     if not front:
@@ -200,8 +204,12 @@ def robust_at_clean(front, clean):
     for a, b in zip(front, front[1:]):
         if a.clean <= clean <= b.clean:
             w = (clean - a.clean) / (b.clean - a.clean)
-            return (1 - w) * a.robust + w * b.robust, math.sqrt((1 - w) ** 2 * a.robust_se ** 2 + w ** 2 * b.robust_se ** 2)
-    if front[0].clean == clean:  # a one-point front
+            var = (1 - w) ** 2 * a.robust_se ** 2 + w ** 2 * b.robust_se ** 2
+            if clean_error:
+                slope = (b.robust - a.robust) / (b.clean - a.clean)
+                var += slope ** 2 * ((1 - w) ** 2 * a.clean_se ** 2 + w ** 2 * b.clean_se ** 2)
+            return (1 - w) * a.robust + w * b.robust, math.sqrt(var)
+    if front[0].clean == clean:  # a one-point front: no slope to read
         return front[0].robust, front[0].robust_se
     return math.nan, math.nan
 
@@ -220,12 +228,14 @@ class Comparison:
     se: float
 
 
-def compare(summaries, method, others=None):
+def compare(summaries, method, others=None, clean_error=True):
     """``method`` against each of ``others`` (default: every other method) at equal clean accuracy.
 
     The clean levels compared are the clean accuracies of both fronts' points that lie where the
-    two fronts overlap; each side's robust accuracy there is :func:`robust_at_clean`. A pair of
-    methods whose fronts do not overlap gives no rows."""
+    two fronts overlap; each side's robust accuracy there is :func:`robust_at_clean`, whose standard
+    error counts the uncertain clean accuracies too when ``clean_error`` (the default). The two
+    sides' errors add as independent, which overstates the noise of a difference measured on the
+    same test images. A pair of methods whose fronts do not overlap gives no rows."""
     mine = method_front(summaries, method)
     others = sorted({s.method for s in summaries} - {method}) if others is None else list(others)
     rows = []
@@ -233,8 +243,8 @@ def compare(summaries, method, others=None):
         theirs = method_front(summaries, other)
         low, high = max(mine[0].clean, theirs[0].clean), min(mine[-1].clean, theirs[-1].clean)
         for clean in sorted({s.clean for s in mine + theirs if low <= s.clean <= high}):
-            r, se = robust_at_clean(mine, clean)
-            r2, se2 = robust_at_clean(theirs, clean)
+            r, se = robust_at_clean(mine, clean, clean_error)
+            r2, se2 = robust_at_clean(theirs, clean, clean_error)
             rows.append(Comparison(method, other, clean, r, r2, r - r2, math.hypot(se, se2)))
     return rows
 

@@ -13,8 +13,10 @@ from neurosens.frontier import EVAL, collect, compare, comparison_table, find_ru
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("runs", nargs="?", default="runs/frontier", help="folder of run folders (default: runs/frontier)")
-    parser.add_argument("--attack", default="autoattack", help="the robust accuracy: a result of the evaluation JSON (default: autoattack)")
-    parser.add_argument("--method", default="sns", help="the method compared with the others at equal clean accuracy (default: sns)")
+    parser.add_argument("--attack", default="autoattack",
+                        help="the robust accuracy: a result of the evaluation JSON (default: autoattack)")
+    parser.add_argument("--method", default="sns",
+                        help="the method compared with the others at equal clean accuracy (default: sns)")
     parser.add_argument("--eval-name", default=EVAL, help=f"evaluation JSON in each run folder (default: {EVAL})")
     parser.add_argument("--plot", help="write the figure to this PNG")
     parser.add_argument("--title", help="the figure's title")

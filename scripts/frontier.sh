@@ -8,9 +8,11 @@
 # Evaluation: the first N_EVAL (default 500) test images; clean, PGD-40 (step 0.01, random start) and
 # AutoAttack (standard, through torchattacks), all at eps 0.3.
 # Usage: [BUDGET=pilot|full] [SEEDS="0 1"] [POINTS="pgd_at:0.3 sns:1 ..."] [N_EVAL=500] scripts/frontier.sh [RUNS_DIR]
+# (POINTS: METHOD:VALUE pairs; the default is the sweep of docs/results.md.)
 # then:  python scripts/frontier.py RUNS_DIR --attack autoattack --plot docs/mnist_frontier.png
 # Runs land in RUNS_DIR/mnist-METHOD-VALUE-sSEED; finished steps are skipped and an interrupted
-# training resumes. Two copies may run side by side on disjoint POINTS or SEEDS.
+# training resumes; give each budget its own RUNS_DIR. Two copies may run side by side on disjoint
+# POINTS or SEEDS.
 set -euo pipefail
 runs=${1:-runs/frontier}
 py=${PYTHON:-.venv/bin/python}
@@ -20,7 +22,7 @@ case ${BUDGET:-pilot} in
   full)  budget=(--epochs 8 --eps-warmup 2) ;;
   *) echo "BUDGET must be pilot or full" >&2; exit 2 ;;
 esac
-points=${POINTS:-pgd_at:0.3 sns:1 trades:6 pgd_at:0.2 sns:0.3 trades:1 pgd_at:0.4 sns:3 trades:3 pgd_at:0.25 sns:0.1 trades:12}
+points=${POINTS:-pgd_at:0.2 pgd_at:0.3 pgd_at:0.35 pgd_at:0.4 trades:1 trades:6 sns:0.3 sns:1 sns:3}
 mkdir -p "$runs"
 
 for seed in ${SEEDS:-0}; do
@@ -33,7 +35,7 @@ for seed in ${SEEDS:-0}; do
       sns)    knob=(--sns-lam "$value") ;;
       *) echo "unknown method in POINTS: $point" >&2; exit 2 ;;
     esac
-    alpha=$("$py" -c "print($eps / 3)")
+    alpha=$("$py" -c "print(round($eps / 3, 6))")
     name=mnist-$method-$value-s$seed
     out=$runs/$name
     if [[ ! -f $out/model.pt ]]; then

@@ -44,7 +44,8 @@ def test_collect_reads_method_knob_seed_and_accuracies(tmp_path):
     evaluated, pending = find_runs(tmp_path)
     assert [p.name for p in evaluated] == ["a", "b"] and [p.name for p in pending] == ["c"]
     sns, pgd = collect(evaluated, "autoattack")
-    assert (sns.method, sns.knob, sns.value, sns.seed, sns.clean, sns.robust, sns.n) == ("sns", "sns_lam", 3.0, 1, 0.93, 0.41, 500)
+    assert (sns.method, sns.knob, sns.value, sns.seed) == ("sns", "sns_lam", 3.0, 1)
+    assert (sns.clean, sns.robust, sns.n) == (0.93, 0.41, 500)
     assert (pgd.method, pgd.knob, pgd.value, pgd.clean, pgd.robust) == ("pgd_at", "eps", 0.2, 0.95, 0.38)
     assert collect(evaluated, "pgd-40")[0].robust == 0.55
 
@@ -137,6 +138,9 @@ def test_robust_at_clean_interpolates_linearly_and_never_extrapolates():
     assert robust_at_clean(front, 0.94)[1] == pytest.approx(0.5 * math.sqrt(0.01 ** 2 + 0.03 ** 2))
     assert robust_at_clean(front, 0.91)[1] == pytest.approx(math.hypot(2 / 3 * 0.02, 1 / 3 * 0.01))
     assert robust_at_clean(front, 0.93)[1] == pytest.approx(0.01)
+    # With the clean errors (here equal to the robust ones) and slope -2: (1 + 2^2) times the variance.
+    assert robust_at_clean(front, 0.94, clean_error=True)[1] == pytest.approx(math.sqrt(5 * 0.25 * (0.01 ** 2 + 0.03 ** 2)))
+    assert robust_at_clean(front, 0.94, clean_error=True)[0] == pytest.approx(2.3 - 2 * 0.94)
     assert all(math.isnan(v) for v in robust_at_clean(front, 0.96) + robust_at_clean(front, 0.89))
     with pytest.raises(ValueError, match="sorted by strictly increasing"):
         robust_at_clean(front[::-1], 0.92)
@@ -148,7 +152,7 @@ def test_compare_at_equal_clean_accuracy_over_the_overlap():
     rows += [summary("pgd_at", v, c, 1.4 - c) for v, c in ((1, 0.91), (2, 0.94), (3, 0.99))]
     rows.append(summary("pgd_at", 4, 0.93, 0.2))  # off the front: ignored
     assert [s.value for s in method_front(rows, "pgd_at")] == [1, 2, 3]
-    result = compare(rows, "sns")
+    result = compare(rows, "sns", clean_error=False)
     # The overlap is [0.91, 0.96]; its knots are 0.91, 0.92, 0.94, 0.96.
     assert [c.clean for c in result] == [0.91, 0.92, 0.94, 0.96]
     for c in result:
@@ -156,6 +160,9 @@ def test_compare_at_equal_clean_accuracy_over_the_overlap():
         assert c.diff == pytest.approx(0.1) and c.robust == pytest.approx(1.5 - c.clean)
     # At 0.94: sns is 1/2 of the way from 0.92 to 0.96, pgd_at exactly on a point.
     assert result[2].se == pytest.approx(math.hypot(0.5 * math.hypot(0.01, 0.01), 0.01))
+    # With the clean errors and slope -1: sns's variance doubles, and so does pgd_at's at its point
+    # (read as the end of its segment from 0.91): 2 * 0.5e-4 + 2 * 1e-4.
+    assert compare(rows, "sns")[2].se == pytest.approx(math.sqrt(3e-4))
     assert compare([summary("sns", 1, 0.9, 0.5), summary("trades", 1, 0.95, 0.4)], "sns") == []
     with pytest.raises(ValueError, match="method='alp': no runs"):
         compare(rows, "alp")
