@@ -78,34 +78,39 @@ def find_runs(root, eval_name=EVAL):
     return [p for p in folders if (p / eval_name).is_file()], [p for p in folders if not (p / eval_name).is_file()]
 
 
-def _read_json(path):
+def _read_json(path, what):
     try:
-        return json.loads(Path(path).read_text())
+        content = json.loads(Path(path).read_text())
     except FileNotFoundError:
         raise ValueError(f"{path}: missing") from None
     except json.JSONDecodeError as err:
         raise ValueError(f"{path}: not valid JSON ({err.msg}, line {err.lineno})") from None
+    if not isinstance(content, dict):
+        raise ValueError(f"{path}: not {what}")
+    return content
 
 
 def _point(folder, attack, eval_name, knobs):
     folder = Path(folder)
-    config = _read_json(folder / CONFIG).get("config")
-    if not isinstance(config, dict) or "method" not in config:
-        raise ValueError(f"{folder / CONFIG}: no config.method; not the config of a `neurosens train` run")
+    config = _read_json(folder / CONFIG, "the config of a `neurosens train` run").get("config")
+    if not isinstance(config, dict) or "method" not in config or "seed" not in config:
+        raise ValueError(f"{folder / CONFIG}: no config.method or config.seed; not the config of a `neurosens train` run")
     method = config["method"]
     if method not in knobs:
         raise ValueError(f"{folder}: method {method!r} has no knob to sweep; expected one of {', '.join(knobs)}")
     knob = knobs[method]
     if not isinstance(config.get(knob), (int, float)):
         raise ValueError(f"{folder / CONFIG}: no number for {knob!r}, the knob of {method}")
-    report = _read_json(folder / eval_name)
-    results = report.get("results", {})
+    report = _read_json(folder / eval_name, "the output of `neurosens eval --json`")
+    results = report.get("results")
+    if not isinstance(results, dict) or not isinstance(report.get("n"), int):
+        raise ValueError(f"{folder / eval_name}: no results or n; not the output of `neurosens eval --json`")
     for name in ("clean", attack):
         if name not in results:
             raise ValueError(f"{folder / eval_name}: no {name!r} result (it has {', '.join(results) or 'none'})")
-    point = Point(method, knob, float(config[knob]), int(config.get("seed", 0)), float(results["clean"]["accuracy"]),
-                  float(results[attack]["accuracy"]), int(report["n"]), str(folder))
-    return point, (report.get("eps"), report.get("norm"), point.n)
+    point = Point(method, knob, float(config[knob]), int(config["seed"]), float(results["clean"]["accuracy"]),
+                  float(results[attack]["accuracy"]), report["n"], str(folder))
+    return point, (report.get("data"), report.get("eps"), report.get("norm"), point.n)
 
 
 def collect(folders, attack, eval_name=EVAL, knobs=None):
@@ -114,7 +119,8 @@ def collect(folders, attack, eval_name=EVAL, knobs=None):
     ``<folder>/<eval_name>``, method, knob value and seed from ``<folder>/config.json``.
 
     ``knobs`` maps a method to its knob (default :data:`KNOBS`). Every run must have been
-    evaluated on the same images at the same eps and norm, or the points are not comparable."""
+    evaluated on the same images (data set and ``n``) at the same eps and norm, or the points are
+    not comparable."""
     knobs = KNOBS if knobs is None else knobs
     folders = list(folders)
     if not folders:
@@ -125,8 +131,8 @@ def collect(folders, attack, eval_name=EVAL, knobs=None):
         points.append(point)
         settings.setdefault(setting, point.run)
     if len(settings) > 1:
-        shown = "; ".join(f"{run}: eps={s[0]} norm={s[1]} n={s[2]}" for s, run in settings.items())
-        raise ValueError(f"the runs were evaluated differently ({shown}); evaluate them all at one eps, norm and -n")
+        shown = "; ".join(f"{run}: data={s[0]} eps={s[1]} norm={s[2]} n={s[3]}" for s, run in settings.items())
+        raise ValueError(f"the runs were evaluated differently ({shown}); evaluate them all on one data set, eps, norm and -n")
     return points
 
 

@@ -57,6 +57,10 @@ def test_collect_reads_method_knob_seed_and_accuracies(tmp_path):
     ("not a run", "no config.method"),
     ("bad json", "not valid JSON"),
     ("missing eval", "eval.json: missing"),
+    ("eval not a dict", "eval.json: not the output of `neurosens eval --json`"),
+    ("eval without n", "eval.json: no results or n"),
+    ("no seed", "no config.method or config.seed"),
+    ("other data", "data=fashion-mnist"),
 ])
 def test_collect_bad_inputs_give_one_line_errors(tmp_path, case, message):
     folders = [make_run(tmp_path, "a", "sns", 0, 0.9, {"pgd-40": 0.5})]
@@ -71,6 +75,17 @@ def test_collect_bad_inputs_give_one_line_errors(tmp_path, case, message):
         (folders[0] / "eval.json").write_text("{")
     elif case == "missing eval":
         (folders[0] / "eval.json").unlink()
+    elif case == "eval not a dict":
+        (folders[0] / "eval.json").write_text("[0.9, 0.5]")
+    elif case == "eval without n":
+        (folders[0] / "eval.json").write_text(json.dumps({"results": {"clean": {"accuracy": 0.9}}}))
+    elif case == "no seed":
+        (folders[0] / "config.json").write_text(json.dumps({"config": {"method": "sns", "sns_lam": 1.0}}))
+    elif case == "other data":
+        folder = make_run(tmp_path, "b", "trades", 0, 0.9, {"pgd-40": 0.5})
+        report = json.loads((folder / "eval.json").read_text())
+        (folder / "eval.json").write_text(json.dumps(report | {"data": "fashion-mnist"}))
+        folders.append(folder)
     with pytest.raises(ValueError, match=re.escape(message)) as err:
         collect(folders, attack)
     assert "\n" not in str(err.value)
