@@ -291,3 +291,34 @@ def plot_monitor(runs, labels=None, path=None, title=None, log=True):
     if title:
         fig.suptitle(title, fontsize=10)
     return _save(fig, path)
+
+
+def plot_frontier(summaries, path=None, title=None, attack="robust"):
+    """Clean against robust accuracy, one curve per method through its Pareto front
+    (:mod:`neurosens.frontier`): error bars are 95% intervals on both accuracies, points off the
+    front are hollow, and each point is labelled with its knob value."""
+    from .frontier import method_front
+
+    if not summaries:
+        raise ValueError("plot_frontier: no summaries to plot")
+    methods = sorted({s.method for s in summaries})
+    fig = _figure(6.4, 4.6)
+    ax = fig.subplots()
+    for i, (method, (color, _)) in enumerate(zip(methods, _line_styles(len(methods)))):
+        rows = [s for s in summaries if s.method == method]
+        front = method_front(summaries, method)
+        ax.plot([100 * s.clean for s in front], [100 * s.robust for s in front], color=color, marker="o", label=method)
+        for s in rows:
+            hollow = s not in front
+            ax.errorbar(100 * s.clean, 100 * s.robust, xerr=100 * Z95 * s.clean_se, yerr=100 * Z95 * s.robust_se,
+                        color=color, marker="o", mfc="white" if hollow else color, capsize=2, lw=0.8)
+            # Labels of alternate methods right and left of their points, so neighbouring curves' labels do not meet.
+            ax.annotate(s.label, (100 * s.clean, 100 * s.robust), textcoords="offset points",
+                        xytext=(4 if i % 2 == 0 else -4, 4), ha="left" if i % 2 == 0 else "right", fontsize=7, color=color)
+    ax.set_xlabel("clean accuracy (%)")
+    ax.set_ylabel(f"{attack} accuracy (%)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    if title:
+        ax.set_title(title, fontsize=10)
+    return _save(fig, path)
