@@ -227,7 +227,7 @@ def test_config_checks():
     train, test = digits8(64)
     with pytest.raises(ValueError, match="the test set has only 297 images"):
         Trainer(fresh_model(), train, test, TrainConfig(monitor=1000, progress=False))
-    with pytest.raises(ValueError, match="no test set"):
+    with pytest.raises(ValueError, match="probes the evaluation images, and this run has none"):
         Trainer(fresh_model(), train, None, TrainConfig(monitor=10, progress=False))
 
 
