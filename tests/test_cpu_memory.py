@@ -8,9 +8,14 @@ PROBE = """
 import resource, sys, torch
 from neurosens.cpu_memory import keep_freed_memory
 tuned = sys.argv[1] == "tuned" and keep_freed_memory()
+
+def blocks(count):
+    for _ in range(count):
+        torch.empty(40 * 2**20 // 4).fill_(1.0)  # 40 MiB, 10240 pages: above glibc's 32 MiB dynamic mmap limit
+
+blocks(3)  # the heap grows to its working size first
 before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-for _ in range(10):
-    torch.empty(40 * 2**20 // 4).fill_(1.0)  # 40 MiB, 10240 pages: above glibc's 32 MiB dynamic mmap limit
+blocks(20)
 print(int(tuned), resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
 """
 
@@ -27,5 +32,6 @@ def test_freed_memory_is_reused():
     _, default = faults("default")
     if not tuned_applied:
         pytest.skip("mallopt is not available (not glibc)")
-    assert default > 5 * 10240, f"default allocator faulted only {default} pages for 10 fresh 40 MiB blocks"
+    assert default > 15 * 10240, f"default allocator faulted only {default} pages for 20 fresh 40 MiB blocks"
+    # Tuned, most blocks are reused; a few (0 to 3 of 20 in repeated runs) still come back faulted.
     assert tuned < 0.3 * default, f"tuned allocator faulted {tuned} pages vs {default} by default"
