@@ -1,5 +1,5 @@
-"""The adaptive-attack study (docs/results.md): does SNS's lead over PGD-AT on MNIST survive an
-attack that knows SNS?
+"""The adaptive-attack study (docs/results.md): does SNS's lead over PGD-AT on MNIST (and
+Fashion-MNIST) survive an attack that knows SNS?
 
 Trains (when RUNS/mnist-METHOD-s0/model.pt is missing) a standard, a PGD-AT and an SNS small CNN
 at the reduced ablation budget (20,000 training images, 3 epochs, PGD-5 at eps 0.3, seed 0), then
@@ -13,7 +13,10 @@ RUNS/mnist-METHOD-s0/adaptive-hits.pt; the study writes RUNS/mnist-METHOD-s0/ada
 prints the markdown tables of all finished methods.
 
 Usage, from the repository root:
-    python scripts/adaptive_attack.py RUNS [--methods standard pgd_at sns] [-n 500] [--table-only]
+    python scripts/adaptive_attack.py RUNS [--data mnist] [--methods standard pgd_at sns] [-n 500] [--table-only]
+
+With --data fashion-mnist the same study runs at eps 0.1 (training step eps / 3, as on MNIST) and
+its folders are RUNS/fashion-mnist-METHOD-s0.
 """
 import argparse
 import json
@@ -29,10 +32,16 @@ from neurosens.attacks import make_attack
 from neurosens.checkpoint import load_checkpoint, model_from_state
 from neurosens.evaluation import evaluate, masking_checks, survived_all
 
-EPS, STEPS, ALPHA = 0.3, 40, 0.01
-TRAIN = ["--arch", "small-cnn", "--data", "mnist", "--seed", "0", "--train-limit", "20000", "--eps", str(EPS),
-         "--alpha", "0.1", "--steps", "5", "--epochs", "3", "--batch-size", "128", "--optimizer", "adam", "--lr", "1e-3",
-         "--weight-decay", "0", "--eval-limit", "0", "--threads", "1", "--no-progress", "--resume"]
+STEPS, ALPHA = 40, 0.01
+#: The eps of each data set, as in docs/results.md; set by main().
+EPS_OF = {"mnist": 0.3, "fashion-mnist": 0.1}
+DATA, EPS = "mnist", EPS_OF["mnist"]
+
+
+def train_args():
+    return ["--arch", "small-cnn", "--data", DATA, "--seed", "0", "--train-limit", "20000", "--eps", str(EPS),
+            "--alpha", f"{EPS / 3:.4g}", "--steps", "5", "--epochs", "3", "--batch-size", "128", "--optimizer", "adam",
+            "--lr", "1e-3", "--weight-decay", "0", "--eval-limit", "0", "--threads", "1", "--no-progress", "--resume"]
 #: The neuron-targeted settings: label -> make_attack options.
 NEURON = {**{f"neuron-pgd {layers} w{weight:g}": {"layers": layers, "weight": weight}
              for layers in ("auto", "hidden") for weight in (1.0, 3.0)},
@@ -42,15 +51,15 @@ WORST = ["pgd-40", "autoattack", *NEURON]
 
 
 def train(runs, method):
-    out = runs / f"mnist-{method}-s0"
+    out = runs / f"{DATA}-{method}-s0"
     if (out / "model.pt").exists():
         return out
     warmup = [] if method == "standard" else ["--eps-warmup", "1"]
     started = time.time()
-    with open(runs / f"mnist-{method}-s0.train.log", "w") as log:
-        subprocess.run([sys.executable, "-m", "neurosens", "train", "--method", method, *TRAIN, *warmup, "--out", str(out)],
+    with open(runs / f"{DATA}-{method}-s0.train.log", "w") as log:
+        subprocess.run([sys.executable, "-m", "neurosens", "train", "--method", method, *train_args(), *warmup, "--out", str(out)],
                        stdout=log, stderr=subprocess.STDOUT, check=True)
-    (runs / f"mnist-{method}-s0.train.seconds").write_text(f"{time.time() - started:.0f}\n")
+    (runs / f"{DATA}-{method}-s0.train.seconds").write_text(f"{time.time() - started:.0f}\n")
     return out
 
 
@@ -68,7 +77,7 @@ def attacks_for(model):
 def study(out, samples):
     path = out / "model.pt"
     model = model_from_state(load_checkpoint(path), path, "cpu")
-    loader = datasets.make_loader(datasets.load("mnist", train=False, root="data").first(samples), 500)
+    loader = datasets.make_loader(datasets.load(DATA, train=False, root="data").first(samples), 500)
     # Each attack's per-sample results are kept as they come, so an interrupted study goes on
     # where it stopped and a new attack adds only its own run.
     cache = out / "adaptive-hits.pt"
@@ -105,8 +114,8 @@ def pct(value):
 
 
 def tables(runs, methods):
-    reports = {m: json.loads((runs / f"mnist-{m}-s0" / "adaptive.json").read_text())
-               for m in methods if (runs / f"mnist-{m}-s0" / "adaptive.json").exists()}
+    reports = {m: json.loads((runs / f"{DATA}-{m}-s0" / "adaptive.json").read_text())
+               for m in methods if (runs / f"{DATA}-{m}-s0" / "adaptive.json").exists()}
     if not reports:
         return
     labels = [label for label in next(iter(reports.values()))["results"]]
@@ -131,10 +140,13 @@ def tables(runs, methods):
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("runs", type=Path)
+    parser.add_argument("--data", default="mnist", choices=sorted(EPS_OF))
     parser.add_argument("--methods", nargs="+", default=["standard", "pgd_at", "sns"])
     parser.add_argument("-n", "--samples", type=int, default=500)
     parser.add_argument("--table-only", action="store_true")
     args = parser.parse_args()
+    global DATA, EPS
+    DATA, EPS = args.data, EPS_OF[args.data]
     torch.set_num_threads(1)
     args.runs.mkdir(parents=True, exist_ok=True)
     if not args.table_only:
