@@ -39,11 +39,13 @@ except {error} as err:
     ("neuron_distance(torch.randn(2, 3), torch.randn(2, 4), 'l1', 1, False)", "RuntimeError", "same shape"),
     ("neuron_topk(torch.randn(2, 3), torch.randn(2, 3), 0, 'l1', 1, False, True)", "ValueError", "k=0 is out of range"),
 ])
-def test_an_error_inside_the_extension_reaches_python(call, error, message):
+def test_an_error_inside_the_extension_reaches_python(call, error, message, tmp_path):
     if extension.EXTENSION is None:
         pytest.skip(f"the extension is not loaded: {extension.WHY_NOT}")
+    # Run from an empty folder, so that the child imports the installed package, as this process
+    # did, and not a source tree in the working directory.
     done = subprocess.run([sys.executable, "-c", RAISE.format(call=call, error=error)], capture_output=True,
-                          text=True, timeout=300)
+                          text=True, timeout=300, cwd=tmp_path)
     assert done.returncode == 0 and message in done.stdout, (done.returncode, done.stdout, done.stderr[-3000:])
 
 
