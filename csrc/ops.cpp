@@ -106,19 +106,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> stabilize(const at::Tensor& a, co
                                                          c10::string_view metric, c10::string_view select_metric,
                                                          int64_t channel_dim) {
   const char* op = "neurosens.stabilize";
-  const Metric m = parse_metric(std::string(metric), op, "metric");
-  const int64_t cdim = check_pair(a, b, channel_dim, op);
-  const int64_t C = a.size(cdim), D = map_size(a, cdim);
-  const Metric sm = parse_metric(std::string(select_metric), op, "select_metric");
+  const StabilizeArgs args = begin_stabilize(a, b, indices, k, metric, select_metric, channel_dim, op);
+  const Metric m = args.metric, sm = args.select_metric;
+  const int64_t cdim = args.cdim, C = args.C;
+  if (indices.has_value()) check_index_range(*indices, C, a, op);
+  const int64_t D = map_size(a, cdim);
   const at::Tensor stats = pair_stats(a, b, cdim, stats_for(m) | (indices.has_value() ? 0 : stats_for(sm)));
   at::Tensor selected;
   if (indices.has_value()) {
-    const at::Tensor& idx = *indices;
-    check_indices(idx, k, C, a, op);
-    check_index_range(idx, C, a, op);
-    selected = idx.clone();
+    selected = indices->clone();
   } else {
-    check_k(k, C, a, op);
     selected = std::get<1>(topk_lower_index_first(distances_from_stats(stats, sm, D, false).mean(0), k, true));
   }
   const at::Tensor loss = distances_from_stats(stats, m, D, false).index_select(1, selected).mean();

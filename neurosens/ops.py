@@ -107,10 +107,12 @@ def stabilize(a, b, k=None, indices=None, metric="l1", select_metric="l1", chann
         if indices.dim() != 1 or indices.dtype != torch.int64 or indices.numel() == 0:
             raise ValueError(f"{op}: indices must be a non-empty 1-D int64 tensor, got {indices.dtype} of shape {list(indices.shape)}")
         k = resolve_k(indices.numel(), num_neurons, op, what="len(indices)")
-        check_index_range(indices, num_neurons, op)
     if _use_extension(a):
+        # The extension checks the index range itself (on the device for CUDA indices).
         loss, indices, _ = torch.ops.neurosens.stabilize(a, b, indices, k, metric, select_metric, cdim)
     else:
+        if indices is not None:
+            check_index_range(indices, num_neurons, op)
         loss, indices = reference.stabilize(a, b, indices, k, metric, select_metric, cdim)
     return (loss, indices) if return_indices else loss
 

@@ -27,6 +27,40 @@ def fresh_model(seed=0, dtype=torch.float32):
     return build_model(**SPEC).to(dtype)
 
 
+def trained_on_digits(make_model, passes, lr=3e-3):
+    """The model ``make_model()`` builds after seeding 0, trained by Adam on the 8x8 digits for
+    ``passes`` shuffled passes in batches of 64 (the global RNG left as it was), in eval mode, with
+    the digits test split."""
+    import torch.nn.functional as F
+
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        x, y = data.digits(True, size=8).tensors()
+        model = make_model()
+        opt = torch.optim.Adam(model.parameters(), lr)
+        for _ in range(passes):
+            for idx in torch.randperm(len(y)).split(64):
+                opt.zero_grad()
+                F.cross_entropy(model(x[idx]), y[idx]).backward()
+                opt.step()
+    xt, yt = data.digits(False, size=8).tensors()
+    return model.eval(), xt, yt
+
+
+def outputs_by_hooks(model, x, names):
+    """``model(x)`` and the outputs of the named layers, taken by plain forward hooks (independent of
+    neurosens.capture)."""
+    found = {}
+    modules = dict(model.named_modules())
+    handles = [modules[n].register_forward_hook(lambda m, i, out, n=n: found.__setitem__(n, out)) for n in names]
+    try:
+        result = model(x)
+    finally:
+        for h in handles:
+            h.remove()
+    return result, found
+
+
 @pytest.fixture(scope="module")
 def one_thread():
     """Tiny models run fastest on one thread, and a busy machine makes more threads far slower."""

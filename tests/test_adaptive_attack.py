@@ -8,7 +8,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from neurosens import data
 from neurosens.attacks import FGSM, PGD, FeaturePGD, NeuronPGD, make_attack
 from neurosens.checkpoint import save_checkpoint
 from neurosens.cli import main
@@ -16,7 +15,7 @@ from neurosens.evaluation import (check_masking_options, default_eps_grid, full_
                                   worst_case, worst_case_attacks)
 from neurosens.models import build_model
 
-from conftest import SPEC
+from conftest import SPEC, outputs_by_hooks, trained_on_digits
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -27,40 +26,16 @@ HIDDEN = ["conv1", "conv2", "fc1"]
 @pytest.fixture(scope="module")
 def digits():
     """The :data:`SPEC` CNN trained briefly on the 8x8 digits (a couple of seconds), and 48 test images."""
-    with torch.random.fork_rng():
-        torch.manual_seed(0)
-        x, y = data.digits(True, size=8).tensors()
-        model = build_model(**SPEC)
-        opt = torch.optim.Adam(model.parameters(), 3e-3)
-        for _ in range(15):
-            for idx in torch.randperm(len(y)).split(64):
-                opt.zero_grad()
-                F.cross_entropy(model(x[idx]), y[idx]).backward()
-                opt.step()
-    model.eval()
-    xt, yt = data.digits(False, size=8).tensors()
+    model, xt, yt = trained_on_digits(lambda: build_model(**SPEC), 15)
     return model, xt[:48], yt[:48]
-
-
-def layer_outputs(model, x, names):
-    """Logits and the outputs of the named layers, by forward hooks written here."""
-    found = {}
-    modules = dict(model.named_modules())
-    handles = [modules[n].register_forward_hook(lambda m, i, out, n=n: found.__setitem__(n, out)) for n in names]
-    try:
-        logits = model(x)
-    finally:
-        for h in handles:
-            h.remove()
-    return logits, found
 
 
 def feature_by_hand(model, x, x_adv, names, k):
     """Per sample: mean over layers of the mean L1 distance (mean |a - b| over each neuron's map)
     of the k-fraction of neurons with the largest batch-mean distance (ties: lower index)."""
     with torch.no_grad():
-        _, benign = layer_outputs(model, x, names)
-    logits, adv = layer_outputs(model, x_adv, names)
+        _, benign = outputs_by_hooks(model, x, names)
+    logits, adv = outputs_by_hooks(model, x_adv, names)
     terms = []
     for n in names:
         diff = (benign[n] - adv[n]).abs()

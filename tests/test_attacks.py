@@ -10,6 +10,7 @@ from neurosens import attacks, data
 from neurosens.attacks import CW, FGSM, PGD, AutoAttack, margin_loss, project
 from neurosens.models import build_model
 
+from conftest import trained_on_digits
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -20,19 +21,7 @@ HAS_TORCHATTACKS = importlib.util.find_spec("torchattacks") is not None
 @pytest.fixture(scope="module")
 def digits():
     """A small CNN trained on scikit-learn's 8x8 digits (about 6 s on one core), and the test split."""
-    with torch.random.fork_rng():
-        torch.manual_seed(0)
-        x, y = data.digits(True, size=8).tensors()
-        model = build_model("small-cnn", 10, 1, 8, width=16, hidden=64)
-        opt = torch.optim.Adam(model.parameters(), 3e-3)
-        for _ in range(60):
-            for idx in torch.randperm(len(y)).split(64):
-                opt.zero_grad()
-                F.cross_entropy(model(x[idx]), y[idx]).backward()
-                opt.step()
-    model.eval()
-    xt, yt = data.digits(False, size=8).tensors()
-    return model, xt, yt
+    return trained_on_digits(lambda: build_model("small-cnn", 10, 1, 8, width=16, hidden=64), 60)
 
 
 def accuracy(model, x, y):

@@ -11,7 +11,7 @@ from neurosens.models import build_model
 from neurosens.sns import SNSRegularizer
 from neurosens.training import Trainer, TrainConfig
 
-from conftest import digits8, fresh_model
+from conftest import digits8, fresh_model, outputs_by_hooks
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -26,19 +26,6 @@ def pair(n=6, seed=1):
     gen = torch.Generator().manual_seed(seed)
     x = torch.rand(n, 1, 28, 28, generator=gen)
     return x, (x + 0.3 * torch.randn(x.shape, generator=gen)).clamp(0, 1)
-
-
-def outputs(model, x, names):
-    """Each named layer's output on x, by plain forward hooks."""
-    got = {}
-    modules = dict(model.named_modules())
-    hooks = [modules[name].register_forward_hook(lambda m, i, o, name=name: got.__setitem__(name, o)) for name in names]
-    try:
-        result = model(x)
-    finally:
-        for h in hooks:
-            h.remove()
-    return got, result
 
 
 def per_sample_l1(a, b):
@@ -67,7 +54,7 @@ def test_the_logits_preset_is_the_layer_whose_output_is_the_models():
     model = mnist_cnn()
     x, _ = pair()
     (name,) = SNSRegularizer(model, layers="logits").modules
-    got, logits = outputs(model, x, [name])
+    logits, got = outputs_by_hooks(model, x, [name])
     assert torch.equal(got[name], logits)
 
 
@@ -86,7 +73,7 @@ def test_random_selection_draws_k_seeded_neurons_each_refresh():
     expected = {name: torch.randperm(c, generator=gen)[:4].sort().values for name, c in sizes.items()}
     for name in sizes:
         assert torch.equal(reg.selections[name], expected[name]), name
-    got, _ = outputs(model, torch.cat([x, x_adv]), list(sizes))
+    _, got = outputs_by_hooks(model, torch.cat([x, x_adv]), list(sizes))
     terms = [per_sample_l1(*got[name].chunk(2))[:, expected[name]].mean() for name in sizes]
     torch.testing.assert_close(term, torch.stack(terms).mean())
     # The next refresh draws again from the same generator.
@@ -129,7 +116,7 @@ def test_all_neurons_is_the_mean_over_every_neuron_with_its_gradient():
     term = sns_term(reg, model, x, x_adv)
     grads = torch.autograd.grad(term, list(model.parameters()))
     names = ["conv1", "conv2", "fc1", "fc2"]
-    got, _ = outputs(model, torch.cat([x, x_adv]), names)
+    _, got = outputs_by_hooks(model, torch.cat([x, x_adv]), names)
     by_hand = 2.5 * torch.stack([per_sample_l1(*got[n].chunk(2)).mean() for n in names]).mean()
     torch.testing.assert_close(term, by_hand)
     for g, h in zip(grads, torch.autograd.grad(by_hand, list(model.parameters()))):

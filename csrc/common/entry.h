@@ -6,6 +6,7 @@
 #include <ATen/OpMathType.h>
 
 #include <algorithm>
+#include <optional>
 #include <string>
 
 #include "common/metric.h"
@@ -46,6 +47,28 @@ inline void check_indices(const at::Tensor& idx, int64_t k, int64_t C, const at:
   TORCH_CHECK_VALUE(idx.device() == a.device(), op, ": indices are on ", idx.device(), " but a is on ", a.device());
   TORCH_CHECK_VALUE(k == idx.numel(), op, ": k=", k, " does not match ", idx.numel(), " indices");
   check_k(k, C, a, op);
+}
+
+// The arguments of stabilize, checked before any pass over the activations: the two metrics, the
+// pair, and k or the given indices (their range is each backend's to check).
+struct StabilizeArgs {
+  Metric metric, select_metric;
+  int64_t cdim, C;
+};
+
+inline StabilizeArgs begin_stabilize(const at::Tensor& a, const at::Tensor& b, const std::optional<at::Tensor>& indices,
+                                     int64_t k, c10::string_view metric, c10::string_view select_metric,
+                                     int64_t channel_dim, const char* op) {
+  const Metric m = parse_metric(std::string(metric), op, "metric");
+  const int64_t cdim = check_pair(a, b, channel_dim, op);
+  const Metric sm = parse_metric(std::string(select_metric), op, "select_metric");
+  const int64_t C = a.size(cdim);
+  if (indices.has_value()) {
+    check_indices(*indices, k, C, a, op);
+  } else {
+    check_k(k, C, a, op);
+  }
+  return {m, sm, cdim, C};
 }
 
 // Every index of a CPU tensor lies in [0, C), read in place (no ATen op on the success path).

@@ -343,18 +343,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> stabilize_cpu(const at::Tensor& a
                                                              c10::string_view metric, c10::string_view select_metric,
                                                              int64_t channel_dim) {
   const char* op = "neurosens.stabilize";
-  const Metric m = parse_metric(std::string(metric), op, "metric");
-  const int64_t cdim = check_pair(a, b, channel_dim, op);
-  const Metric sm = parse_metric(std::string(select_metric), op, "select_metric");
-  const PairLayout L = make_layout({a, b}, cdim, op);
-  const int64_t N = L.N, C = L.C;
+  const StabilizeArgs args = begin_stabilize(a, b, indices, k, metric, select_metric, channel_dim, op);
+  const Metric m = args.metric, sm = args.select_metric;
+  const int64_t cdim = args.cdim, C = args.C;
   const bool given = indices.has_value();
-  if (given) {
-    check_indices(*indices, k, C, a, op);
-    check_index_range_host(*indices, C, a, op);
-  } else {
-    check_k(k, C, a, op);
-  }
+  if (given) check_index_range_host(*indices, C, a, op);
+  const PairLayout L = make_layout({a, b}, cdim, op);
+  const int64_t N = L.N;
   at::Tensor selected = at::empty({k}, a.options().dtype(at::kLong));
   if (given) {
     const auto idx = indices->accessor<int64_t, 1>();
