@@ -208,10 +208,16 @@ def run_speed(args):
     from neurosens.models import build_model
 
     torch.manual_seed(0)
-    model = build_model(args.cifar_arch, num_classes=10, in_channels=3, input_size=32).eval()
+    device = torch.device(args.device)
+    model = build_model(args.cifar_arch, num_classes=10, in_channels=3, input_size=32).eval().to(device)
     meter = NeuronSensitivity(model, nn.Conv2d)
     stored = StoredActivations(model, meter.modules)
-    batches = [synthetic_pair(min(args.batch, args.images - lo), (3, 32, 32), seed=lo) for lo in range(0, args.images, args.batch)]
+    batches = [tuple(t.to(device) for t in synthetic_pair(min(args.batch, args.images - lo), (3, 32, 32), seed=lo))
+               for lo in range(0, args.images, args.batch)]
+
+    def sync():  # a GPU runs behind the host: time what it has done, not what was queued
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
 
     @torch.no_grad()
     def forward_only():
@@ -244,8 +250,10 @@ def run_speed(args):
     pairs = {"stored / streaming": ("stored", "streaming"), "streaming / forward only": ("streaming", "forward only")}
     while True:  # interleaved, so a busy moment on a shared machine hits every variant alike
         for name, fn in variants.items():
+            sync()
             start = time.perf_counter()
             fn()
+            sync()
             times[name].append(time.perf_counter() - start)
             print(f"speed  {name:12s} {args.images} images: {times[name][-1]:7.2f} s", flush=True)
         comparisons = {key: paired_ratio(times[n], times[d]) for key, (n, d) in pairs.items()}
@@ -261,6 +269,7 @@ def run_speed(args):
     max_rel = max(((report[n] - expected[n]).abs() / expected[n].abs().clamp_min(1e-12)).max().item() for n in expected)
     return {
         "arch": args.cifar_arch,
+        "device": str(device),
         "images": args.images,
         "batch": args.batch,
         "layers": len(meter.modules),
@@ -276,7 +285,7 @@ def run_speed(args):
 
 
 def markdown(memory, speed):
-    lines = ["| memory: method | samples | peak RSS MB | peak over warmed-up process MB | seconds |", "|---|---:|---:|---:|---:|"]
+    lines = ["| memory: method | samples | peak RSS MB | peak over warmed-up process MB | seconds |", "|---|---:|---:|---:|---:|"] if memory else []
     for r in memory:
         lines.append(f"| {r['method']} | {r['samples']:,} | {r['peak_rss_mb']:.1f} | {r['peak_extra_mb']:.1f} | {r['seconds']:.1f} |")
     if speed:
@@ -309,6 +318,8 @@ def main():
     parser.add_argument("--cifar-arch", default="resnet18")
     parser.add_argument("--images", type=int, default=4096, help="synthetic 32x32 images for the speed benchmark (0 skips it)")
     parser.add_argument("--batch", type=int, default=128)
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
+                        help="where the speed benchmark runs (the memory benchmark, of host memory, runs on cpu only)")
     parser.add_argument("--repeats", type=int, default=3, help="speed rounds at least")
     parser.add_argument("--max-repeats", type=int, default=10, help="speed rounds at most, while the ratios stay within noise")
     parser.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
@@ -319,11 +330,11 @@ def main():
         memory_child(args)
         return
 
-    env = environment("cpu")  # before the run, so files written meanwhile cannot change the recorded commit
-    memory = run_memory(args)
+    env = environment(args.device)  # before the run, so files written meanwhile cannot change the recorded commit
+    memory = run_memory(args) if args.device == "cpu" else []  # resident memory is the host's
     speed = run_speed(args) if args.images > 0 else None
     os.makedirs(args.out, exist_ok=True)
-    stem = os.path.join(args.out, "measure_cpu")
+    stem = os.path.join(args.out, f"measure_{args.device}")
     with open(stem + ".json", "w") as f:
         json.dump({"environment": env, "memory": memory, "speed": speed}, f, indent=2)
     table = markdown(memory, speed)

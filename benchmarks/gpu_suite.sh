@@ -3,16 +3,21 @@
 #
 #   benchmarks/gpu_suite.sh [--dry-run] PHASE OUTDIR
 #
-#   build     compile the CPU and CUDA kernels for the visible GPU (pip --no-build-isolation --no-deps)
+#   build     compile the CPU and CUDA kernels for the visible GPU (pip --no-build-isolation --no-deps),
+#             then the checks below
+#   checks    the extension loads, and a C++ error reaches Python as an exception
 #   test      the op tests on CUDA, then the rest of the suite
 #   sanitize  compute-sanitizer memcheck (caching allocator off), initcheck and synccheck, side by
 #             side, over the CUDA op tests, without gradcheck/compile cases (too many launches)
 #   bench     copy bandwidth; neuron_topk and stabilize forward + backward: float32 NCHW at the
 #             benchmark shapes plus [256, 256, 56, 56], and that large shape in bfloat16 and
 #             channels_last; fused against torch.compile, eager and the read floor. Then one SNS
-#             step against TRADES and PGD-AT (ResNet-18, batch 256, bf16 autocast)
-#   round     all of it in one go for a short lease: build, then test and sanitize side by side,
-#             then bench alone (about 8 minutes on an H200)
+#             step against TRADES and PGD-AT (ResNet-18, batch 256, bf16 autocast), streaming
+#             measurement against stored activations (ResNet-18, 8,192 images), and a profile of
+#             each op's kernels
+#   round     all of it in one go for a short lease: build (or only the checks, when an extension
+#             built for this python and torch is already in place), then test and sanitize side by
+#             side, then bench alone (about 8 minutes on an H200)
 #
 # It uses the machine's python3 (PYTHON=... to change) and its torch; no virtual environment, no
 # network. Every phase writes ONE file, OUTDIR/gpu_PHASE.tar.gz (logs and results), and prints one
@@ -21,12 +26,12 @@
 # --dry-run prints and records each step's command instead of running it (CI runs it on the CPU).
 set -uo pipefail
 
-usage() { sed -n '2,20p' "$0" | sed 's/^# \{0,1\}//'; }
+usage() { sed -n '2,26p' "$0" | sed 's/^# \{0,1\}//'; }
 dry=0
 if [[ ${1:-} == --dry-run ]]; then dry=1; shift; fi
 phase=${1:-}
 out=${2:-}
-case "$phase" in build | test | sanitize | bench | round) ;; *) usage; exit 2 ;; esac
+case "$phase" in build | checks | test | sanitize | bench | round) ;; *) usage; exit 2 ;; esac
 [[ -n $out ]] || { usage; exit 2; }
 
 cd "$(dirname "$0")/.." || exit 2
@@ -87,12 +92,19 @@ build_if_missing() {
 step "environment" 60 "$py" -c "import sys, torch; print(sys.version); print('torch', torch.__version__, 'cuda', torch.version.cuda); print(torch.cuda.get_device_name() if torch.cuda.is_available() else 'NO CUDA DEVICE'); sys.exit(0 if torch.cuda.is_available() else 1)"
 step "python packages" 60 "$py" -c "import importlib.util as u, sys; missing = [m for m in ('numpy', 'tqdm', 'matplotlib', 'sklearn', 'pytest', 'hypothesis') if u.find_spec(m) is None]; print('missing:', missing or 'none'); sys.exit(1 if missing else 0)"
 
-case "$phase" in
-build)
-  build
+checks() {
   step "info" 60 "$py" -m neurosens info
   # A compiler that links libstdc++ statically builds an extension whose C++ errors crash Python.
   step "C++ errors reach Python" 120 "$py" -m pytest -q -p no:cacheprovider tests/test_build.py -k reaches_python
+}
+
+case "$phase" in
+build)
+  build
+  checks
+  ;;
+checks)
+  checks
   ;;
 test)
   build_if_missing
@@ -102,9 +114,9 @@ test)
 sanitize)
   build_if_missing
   need compute-sanitizer
-  step "memcheck" 240 env PYTORCH_NO_CUDA_MEMORY_CACHING=1 compute-sanitizer --tool memcheck --error-exitcode 99 --print-limit 20 "$py" -m pytest -q -p no:cacheprovider "${cuda_tests[@]}" &
-  step "initcheck" 240 compute-sanitizer --tool initcheck --error-exitcode 99 --print-limit 20 "$py" -m pytest -q -p no:cacheprovider "${cuda_tests[@]}" &
-  step "synccheck" 240 compute-sanitizer --tool synccheck --error-exitcode 99 --print-limit 20 "$py" -m pytest -q -p no:cacheprovider "${cuda_tests[@]}" &
+  step "memcheck" 300 env PYTORCH_NO_CUDA_MEMORY_CACHING=1 compute-sanitizer --tool memcheck --error-exitcode 99 --print-limit 20 "$py" -m pytest -q -p no:cacheprovider "${cuda_tests[@]}" &
+  step "initcheck" 300 compute-sanitizer --tool initcheck --error-exitcode 99 --print-limit 20 "$py" -m pytest -q -p no:cacheprovider "${cuda_tests[@]}" &
+  step "synccheck" 300 compute-sanitizer --tool synccheck --error-exitcode 99 --print-limit 20 "$py" -m pytest -q -p no:cacheprovider "${cuda_tests[@]}" &
   wait
   ;;
 bench)
@@ -116,13 +128,20 @@ bench)
       --repeats 20 --out "$logs"
   done
   step "sns step" 150 "$py" benchmarks/bench_sns_step.py --device cuda --resnet-batch 256 --amp --out "$logs"
+  step "measure" 120 "$py" benchmarks/bench_measure.py --device cuda --images 8192 --batch 256 --out "$logs"
+  step "profile" 120 "$py" benchmarks/profile_ops.py --device cuda --out "$logs"
   ;;
 round)
   # Each phase is its own run of this script, with its own tarball; test and sanitize share the GPU.
   # The phases run even in a dry run (dry=0 here), passing --dry-run on to their own steps.
   args=()
   ((dry)) && args=(--dry-run)
-  dry=0 step "phase build" 480 "$0" "${args[@]}" build "$out"
+  first=build
+  # A dry run plans the full round.
+  if ((!dry)) && ls "neurosens/_C.$("$py" -c 'import sysconfig; print(sysconfig.get_config_var("SOABI"))').so" >/dev/null 2>&1; then
+    first=checks
+  fi
+  dry=0 step "phase $first" 480 "$0" "${args[@]}" "$first" "$out"
   dry=0 step "phase test" 480 "$0" "${args[@]}" test "$out" &
   dry=0 step "phase sanitize" 480 "$0" "${args[@]}" sanitize "$out" &
   wait

@@ -11,16 +11,18 @@ SUITE = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_suite.sh"
 
 EXPECTED = {
     "build": ["pip install -v --no-build-isolation --no-deps -e .", "FORCE_CUDA=1", "neurosens info", "-k reaches_python"],
+    "checks": ["neurosens info", "-k reaches_python"],
     "test": ["tests/test_ops.py tests/test_kernel_edges.py", "not slow"],
     "sanitize": ["PYTORCH_NO_CUDA_MEMORY_CACHING=1 compute-sanitizer --tool memcheck", "--tool initcheck",
                  "--tool synccheck", "not gradcheck and not compile"],
     "bench": ["bench_ops.py --device cuda --large", "--dtype bfloat16 --memory-format channels_last --large-only",
-              "--dtype float32 --memory-format channels_last --large-only", "bench_sns_step.py --device cuda --resnet-batch 256 --amp"],
+              "--dtype float32 --memory-format channels_last --large-only", "bench_sns_step.py --device cuda --resnet-batch 256 --amp",
+              "bench_measure.py --device cuda --images 8192", "profile_ops.py --device cuda"],
     "round": ["gpu_suite build: ok", "gpu_suite test: ok", "gpu_suite sanitize: ok", "gpu_suite bench: ok"],
 }
 # The tarballs each phase leaves: round runs every other phase, each leaving its own.
 TARBALLS = {phase: [f"gpu_{phase}.tar.gz"] for phase in EXPECTED}
-TARBALLS["round"] = sorted(f"gpu_{phase}.tar.gz" for phase in EXPECTED)
+TARBALLS["round"] = sorted(f"gpu_{phase}.tar.gz" for phase in ("build", "test", "sanitize", "bench", "round"))
 
 
 def run(*args, env=None):

@@ -1,5 +1,7 @@
 """Numeric edge cases of the fused kernels: long maps, infinities outside the selection, thread and
 segment splits, top-k ties, the statistics mask, double backward, and the CUDA launch limits."""
+import math
+
 import pytest
 import torch
 
@@ -172,20 +174,37 @@ SPLIT_SHAPES = [
     ("ntc", (5, 1001, 13), -1),
     ("one sample, long maps", (1, 3, 2**16 + 3), 1),
     ("one sample, channels_last", (1, 5, 257, 131), 1),
+    ("nchw, aligned rows", (3, 8, 40, 50), 1),
+    ("nchw, offset by one element", (3, 8, 40, 50), 1),
+    ("one map, aligned with a tail", (1, 1, 2**16 + 5), 1),
+    ("channels_last sliced", (4, 37, 29, 31), 1),
 ]
 
 
 def _make_split_pair(layout, shape, device):
+    """A pair in `layout`, made on the device: a copy there would make strided tensors dense and
+    offset ones aligned."""
     gen = torch.Generator().manual_seed(sum(shape))
+    n, c = shape[:2]
+    full, view = shape, lambda t: t
     if layout == "sliced":
-        n, c, h, w = shape
-        a, b = (torch.randn(n, 2 * c, h + 1, 2 * w, generator=gen)[:, ::2, 1:, 1::2] for _ in range(2))
-    else:
-        a, b = (torch.randn(shape, generator=gen) for _ in range(2))
-    b = a + 0.3 * b
-    if layout.endswith("channels_last"):
-        a, b = a.to(memory_format=torch.channels_last), b.to(memory_format=torch.channels_last)
-    return a.to(device), b.to(device)
+        full, view = (n, 2 * c, shape[2] + 1, 2 * shape[3]), lambda t: t[:, ::2, 1:, 1::2]
+    elif layout == "channels_last sliced":
+        full = (n, c, shape[2], shape[3] + 2)
+        view = lambda t: t.contiguous(memory_format=torch.channels_last)[..., 1:-1]
+    elif layout.endswith("channels_last"):
+        view = lambda t: t.contiguous(memory_format=torch.channels_last)
+    elif layout.endswith("offset by one element"):
+        view = _offset_by_one  # rows that no 16-byte load can start: the scalar path of the same layout
+    a = torch.randn(full, generator=gen)
+    b = a + 0.3 * torch.randn(full, generator=gen)
+    return view(a.to(device)), view(b.to(device))
+
+
+def _offset_by_one(t):
+    buf = torch.empty(t.numel() + 1, dtype=t.dtype, device=t.device)
+    buf[1:].copy_(t.reshape(-1))
+    return buf[1:].view(t.shape)
 
 
 @requires_ext

@@ -11,48 +11,66 @@ from neurosens import ops, reference
 CUDA = torch.cuda.is_available()
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not CUDA, reason="needs a CUDA device"))]
 DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
-LAYOUTS = ["nc", "nchw", "channels_last", "sliced", "ntc", "ncdhw", "channels_last_3d", "mixed", "transposed", "unit_dims"]
+LAYOUTS = ["nc", "nchw", "channels_last", "sliced", "ntc", "ncdhw", "channels_last_3d", "mixed", "transposed", "unit_dims",
+           "vector_rows", "one_map", "channels_last_sliced"]
 METRICS = ["l1", "l2", "cosine"]
 
 requires_ext = pytest.mark.skipif(ops._C is None, reason="the extension is not built")
 
 
 def make_pair(layout, dtype, device, seed):
-    """Random benign/adversarial activations in one of the layouts the kernels must honour."""
+    """Random benign/adversarial activations in one of the layouts the kernels must honour.
+
+    The layout is made on the device, in the dtype (a conversion or a copy would make strided
+    tensors dense), for a and b alike."""
     rng = random.Random(seed)
     gen = torch.Generator().manual_seed(seed)
     N, C = rng.randint(1, 5), rng.randint(1, 9)
     H, W = rng.randint(1, 7), rng.randint(1, 7)
 
-    def rand(*shape):
-        return torch.randn(*shape, generator=gen, dtype=torch.float64)
+    def pair(*shape, view_a=lambda t: t, view_b=None):
+        a = torch.randn(*shape, generator=gen, dtype=torch.float64)
+        # b is a perturbed a, as in the real use: near, not independent.
+        b = a + 0.3 * torch.randn(*shape, generator=gen, dtype=torch.float64)
+        a, b = (t.to(device=device, dtype=dtype) for t in (a, b))
+        return view_a(a), (view_b or view_a)(b)
+
+    def channels_last(t):
+        return t.contiguous(memory_format=torch.channels_last)
 
     channel_dim = 1
     if layout == "nc":
-        a, b = rand(N, C), rand(N, C)
+        a, b = pair(N, C)
     elif layout == "nchw":
-        a, b = rand(N, C, H, W), rand(N, C, H, W)
+        a, b = pair(N, C, H, W)
     elif layout == "channels_last":
-        a, b = (rand(N, C, H, W).to(memory_format=torch.channels_last) for _ in range(2))
+        a, b = pair(N, C, H, W, view_a=channels_last)
     elif layout == "sliced":
-        a, b = (rand(N + 1, 2 * C, 2 * H + 1, W + 2)[1:, ::2, 1::2, 1:-1] for _ in range(2))
+        a, b = pair(N + 1, 2 * C, 2 * H + 1, W + 2, view_a=lambda t: t[1:, ::2, 1::2, 1:-1])
     elif layout == "ntc":
-        a, b, channel_dim = rand(N, H * W, C), rand(N, H * W, C), -1
+        (a, b), channel_dim = pair(N, H * W, C), -1
     elif layout == "ncdhw":
-        a, b = rand(N, C, 3, H, W), rand(N, C, 3, H, W)
+        a, b = pair(N, C, 3, H, W)
     elif layout == "channels_last_3d":
-        a, b = (rand(N, C, 2, H, W).to(memory_format=torch.channels_last_3d) for _ in range(2))
+        a, b = pair(N, C, 2, H, W, view_a=lambda t: t.contiguous(memory_format=torch.channels_last_3d))
     elif layout == "mixed":
-        a, b = rand(N, C, H, W), rand(N, C, H, W).to(memory_format=torch.channels_last)
+        a, b = pair(N, C, H, W, view_b=channels_last)
     elif layout == "transposed":
-        a, b = (rand(N, H, C, W).transpose(1, 2) for _ in range(2))
+        a, b = pair(N, H, C, W, view_a=lambda t: t.transpose(1, 2))
     elif layout == "unit_dims":
-        a, b = rand(N, C, 1, W, 1), rand(N, C, 1, W, 1)
+        a, b = pair(N, C, 1, W, 1)
+    elif layout == "vector_rows":
+        # Maps of 8 * H elements: every row starts 16-byte aligned, whatever the dtype.
+        a, b = pair(N, C, H, 8)
+    elif layout == "one_map":
+        # One long map: 16-byte loads, then a tail of the odd elements left over.
+        a, b = pair(1, 1, 37 + H * W)
+    elif layout == "channels_last_sliced":
+        # Neurons adjacent, positions in two runs that cannot be merged.
+        a, b = pair(N, C, H + 1, W + 3, view_a=lambda t: channels_last(t)[:, :, 1:, 1:-2])
     else:
         raise AssertionError(layout)
-    # b is a perturbed a, as in the real use: near, not independent.
-    b = a + 0.3 * b
-    return a.to(device=device, dtype=dtype), b.to(device=device, dtype=dtype), channel_dim
+    return a, b, channel_dim
 
 
 def tolerance(dtype):
