@@ -46,20 +46,32 @@ def timed(fn, device, repeats, warmup=3):
     return timed_interleaved({"fn": fn}, device, repeats, warmup)["fn"]
 
 
-def timed_interleaved(fns, device, repeats, warmup=3):
-    """Median seconds of each function, timed one call of each in turn."""
+def device_allocations(device):
+    """cudaMalloc calls so far by the caching allocator (0 off CUDA): a timed call that makes them
+    pays for the allocation, not for its kernels."""
+    return torch.cuda.memory_stats(device).get("num_device_alloc", 0) if device.type == "cuda" else 0
+
+
+def timed_interleaved(fns, device, repeats, warmup=3, allocations=None):
+    """Median seconds of each function, timed one call of each in turn. ``allocations``, a dict,
+    receives each function's device allocations per timed call."""
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     for fn in fns.values():
         for _ in range(warmup):
             fn()
     times = {name: [] for name in fns}
+    allocs = dict.fromkeys(fns, 0)
     for _ in range(repeats):
         for name, fn in fns.items():
             sync()
+            before = device_allocations(device)
             start = time.perf_counter()
             fn()
             sync()
             times[name].append(time.perf_counter() - start)
+            allocs[name] += device_allocations(device) - before
+    if allocations is not None:
+        allocations.update({name: n / repeats for name, n in allocs.items()})
     return {name: statistics.median(t) for name, t in times.items()}
 
 
@@ -304,9 +316,10 @@ def main():
         check_baselines(a, b, k)
         for op, make in (("neuron_distance", distance_variants), ("neuron_topk", topk_variants),
                          ("stabilize fwd+bwd", stabilize_variants)):
-            times = timed_interleaved(make(a, b, k), device, args.repeats)
+            allocations = {}
+            times = timed_interleaved(make(a, b, k), device, args.repeats, allocations=allocations)
             row = {"op": op, "shape": list(shape), "dtype": args.dtype, "memory_format": args.memory_format,
-                   "input_mb": 2 * a.numel() * a.element_size() / 2**20}
+                   "input_mb": 2 * a.numel() * a.element_size() / 2**20, "device_allocations_per_call": allocations}
             row.update({f"{name}_ms": t * 1e3 for name, t in times.items()})
             row["fused_vs_floor"] = times["fused"] / times["floor"]
             row["eager_over_fused"] = times["eager"] / times["fused"]
@@ -320,7 +333,8 @@ def main():
                     row[f"{variant}_peak_extra_mb"] = None if peak is None else peak / 2**20
             rows.append(row)
             print(f"{op:18s} {str(list(shape)):18s} fused {times['fused']*1e3:8.2f} ms  floor {times['floor']*1e3:8.2f} ms  "
-                  f"eager {times['eager']*1e3:8.2f} ms  compiled {times['compiled']*1e3:8.2f} ms", flush=True)
+                  f"eager {times['eager']*1e3:8.2f} ms  compiled {times['compiled']*1e3:8.2f} ms"
+                  + (f"  device allocations per call {allocations}" if device.type == "cuda" else ""), flush=True)
 
     env = environment(device) | {"dtype": args.dtype, "repeats": args.repeats, "copy_bandwidth_gb_s": copy_bw / 1e9,
                                  "keep_freed_memory": args.keep_freed_memory, "fixed_cost_us": fixed,

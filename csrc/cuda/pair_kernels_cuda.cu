@@ -172,11 +172,12 @@ __global__ void stats_strided_kernel(const scalar_t* __restrict__ a, const scala
 // Loads issued together by a column walk before their values are used.
 constexpr int kColumnUnroll = 4;
 
-// Columns: a thread per (sample, neuron, segment); neurons along x so loads coalesce.
-template <typename scalar_t, typename acc_t, int kMask, int NT>
+// Columns: a thread per (sample, P neighbouring neurons, segment); neurons along x so loads
+// coalesce. P = 2 for 16-bit inputs makes each load 4 bytes, as for float32.
+template <typename scalar_t, typename acc_t, int kMask, int NT, int P>
 __global__ void stats_columns_kernel(const scalar_t* __restrict__ a, const scalar_t* __restrict__ b, PairLayout L,
                                      int64_t segs, int keep, acc_t* __restrict__ partial) {
-  const int64_t c = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  const int64_t c = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) * P;
   const int64_t seg = blockIdx.z;
   if (c >= L.C) return;
   int64_t begin, end;
@@ -184,24 +185,31 @@ __global__ void stats_columns_kernel(const scalar_t* __restrict__ a, const scala
   for (int64_t n = blockIdx.y; n < L.N; n += gridDim.y) {
     const scalar_t* ra = a + n * L.sn[0] + c * L.sc[0];
     const scalar_t* rb = b + n * L.sn[1] + c * L.sc[1];
-    BlockedSums<kMask, acc_t> s;
+    BlockedSums<kMask, acc_t> s[P];
     Cursor<NT> at(L, begin);
     for (int64_t j = begin; j < end; j += kColumnUnroll) {
-      acc_t x[kColumnUnroll], y[kColumnUnroll];
+      Pack<scalar_t, P> x[kColumnUnroll], y[kColumnUnroll];
 #pragma unroll
       for (int u = 0; u < kColumnUnroll; ++u) {
         if (j + u < end) {
-          x[u] = static_cast<acc_t>(ra[at[0]]);
-          y[u] = static_cast<acc_t>(rb[at[1]]);
+          x[u] = load_pack<scalar_t, P>(ra + at[0]);
+          y[u] = load_pack<scalar_t, P>(rb + at[1]);
           at.next(L);
         }
       }
 #pragma unroll
-      for (int u = 0; u < kColumnUnroll; ++u)
-        if (j + u < end) s.add(x[u], y[u]);
+      for (int u = 0; u < kColumnUnroll; ++u) {
+        if (j + u < end) {
+#pragma unroll
+          for (int q = 0; q < P; ++q) s[q].add(static_cast<acc_t>(x[u].v[q]), static_cast<acc_t>(y[u].v[q]));
+        }
+      }
     }
-    s.finish();
-    store_stats(s.total, keep, partial + ((seg * L.N + n) * L.C + c) * kNumStats);
+#pragma unroll
+    for (int q = 0; q < P; ++q) {
+      s[q].finish();
+      store_stats(s[q].total, keep, partial + ((seg * L.N + n) * L.C + c + q) * kNumStats);
+    }
   }
 }
 
@@ -238,6 +246,19 @@ bool rows_aligned(const PairLayout& L, std::initializer_list<const void*> data) 
   return ok;
 }
 
+// Neurons that can be read two at a time in a 4-byte load (16-bit inputs walked by columns): an
+// even count, and every pair 4-byte aligned in every tensor.
+bool columns_paired(const PairLayout& L, int64_t element_size, std::initializer_list<const void*> data) {
+  if (element_size != 2 || L.C % 2 != 0) return false;
+  bool ok = true;
+  for (const void* p : data) ok = ok && reinterpret_cast<std::uintptr_t>(p) % 4 == 0;
+  for (int t = 0; t < L.ntensors; ++t) {
+    ok = ok && L.sc[t] == 1 && (L.N == 1 || L.sn[t] % 2 == 0);
+    for (int i = 0; i < kMaxSpatial; ++i) ok = ok && (L.size[i] == 1 || L.ss[t][i] % 2 == 0);
+  }
+  return ok;
+}
+
 // Every tensor of the layout has the same strides (one cursor serves them all).
 bool same_strides(const PairLayout& L) {
   bool same = true;
@@ -254,7 +275,7 @@ constexpr int kL1Stats = stat_bit(kAbsDiff) | stat_bit(kAbsA);
 
 // How a statistics pass walks its layout, decided on the host.
 struct StatsPlan {
-  bool columns, flat, aligned, shared;
+  bool columns, paired, flat, aligned, shared;
   dim3 grid;
   Launch launch;
 };
@@ -264,11 +285,18 @@ void launch_stats(const StatsPlan& p, cudaStream_t stream, const scalar_t* pa, c
                   int keep, acc_t* pp) {
   const int threads = p.launch.threads;
   const int64_t segs = p.launch.segs;
-  if (p.columns && p.shared) {
-    stats_columns_kernel<scalar_t, acc_t, kMask, 1><<<p.grid, threads, 0, stream>>>(pa, pb, L, segs, keep, pp);
+  constexpr int P = sizeof(scalar_t) == 2 ? 2 : 1;  // the pairs exist for 16-bit types only
+  if (p.columns && p.paired && p.shared) {
+    stats_columns_kernel<scalar_t, acc_t, kMask, 1, P><<<p.grid, threads, 0, stream>>>(pa, pb, L, segs, keep, pp);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  } else if (p.columns && p.paired) {
+    stats_columns_kernel<scalar_t, acc_t, kMask, 2, P><<<p.grid, threads, 0, stream>>>(pa, pb, L, segs, keep, pp);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  } else if (p.columns && p.shared) {
+    stats_columns_kernel<scalar_t, acc_t, kMask, 1, 1><<<p.grid, threads, 0, stream>>>(pa, pb, L, segs, keep, pp);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   } else if (p.columns) {
-    stats_columns_kernel<scalar_t, acc_t, kMask, 2><<<p.grid, threads, 0, stream>>>(pa, pb, L, segs, keep, pp);
+    stats_columns_kernel<scalar_t, acc_t, kMask, 2, 1><<<p.grid, threads, 0, stream>>>(pa, pb, L, segs, keep, pp);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   } else if (p.flat && p.aligned) {
     stats_flat_kernel<scalar_t, acc_t, kMask, VecWidth<scalar_t>::value><<<p.grid, threads, 0, stream>>>(pa, pb, L, segs, keep, pp);
@@ -288,8 +316,10 @@ at::Tensor pair_stats_cuda(const at::Tensor& a, const at::Tensor& b, int64_t cha
   const c10::cuda::CUDAGuard guard(a.device());
   const auto stream = c10::cuda::getCurrentCUDAStream();
   const bool columns = L.by_columns();
+  const bool paired = columns && columns_paired(L, a.element_size(), {a.const_data_ptr(), b.const_data_ptr()});
   const bool flat = flat_rows(L);
-  const Launch launch = columns ? stats_columns_launch(L.N, L.C, L.D, multiprocessors())
+  // Paired columns: a thread per two neurons, so the grid spans C / 2 of them.
+  const Launch launch = columns ? stats_columns_launch(L.N, paired ? L.C / 2 : L.C, L.D, multiprocessors())
                                 : stats_rows_launch(L.N, L.C, L.D, multiprocessors());
   at::Tensor partial = at::empty({launch.segs, L.N, L.C, kNumStats}, call.acc);
 
@@ -298,7 +328,8 @@ at::Tensor pair_stats_cuda(const at::Tensor& a, const at::Tensor& b, int64_t cha
     const scalar_t* pa = a.const_data_ptr<scalar_t>();
     const scalar_t* pb = b.const_data_ptr<scalar_t>();
     acc_t* pp = partial.mutable_data_ptr<acc_t>();
-    const StatsPlan plan{columns, flat, rows_aligned<scalar_t>(L, {pa, pb}), same_strides(L), grid_of(launch), launch};
+    const StatsPlan plan{columns, paired, flat, rows_aligned<scalar_t>(L, {pa, pb}), same_strides(L), grid_of(launch),
+                         launch};
     if ((call.stats & ~kL1Stats) == 0) {
       launch_stats<scalar_t, acc_t, kL1Stats>(plan, stream, pa, pb, L, call.stats, pp);
     } else {
@@ -322,8 +353,16 @@ template <typename acc_t>
 struct Coefficients {
   acc_t aa, ab, ba, bb, sign;
 
-  __device__ __forceinline__ explicit Coefficients(const acc_t* k)
-      : aa(k[kAA]), ab(k[kAB]), ba(k[kBA]), bb(k[kBB]), sign(k[kSign]) {}
+  Coefficients() = default;
+  __device__ __forceinline__ explicit Coefficients(const acc_t* k) { load(k); }
+
+  __device__ __forceinline__ void load(const acc_t* k) {
+    aa = k[kAA];
+    ab = k[kAB];
+    ba = k[kBA];
+    bb = k[kBB];
+    sign = k[kSign];
+  }
 
   template <typename scalar_t>
   __device__ __forceinline__ void apply(scalar_t x, scalar_t y, scalar_t& gx, scalar_t& gy) const {
@@ -366,38 +405,48 @@ __global__ void grad_flat_kernel(const scalar_t* __restrict__ a, const scalar_t*
   }
 }
 
-// Columns: a thread per (sample, neuron, segment), neurons along x so loads and stores coalesce.
-template <typename scalar_t, typename acc_t, int NT>
+// Columns: a thread per (sample, P neighbouring neurons, segment), neurons along x so loads and
+// stores coalesce (P as in the statistics pass).
+template <typename scalar_t, typename acc_t, int NT, int P>
 __global__ void grad_columns_kernel(const scalar_t* __restrict__ a, const scalar_t* __restrict__ b,
                                     const acc_t* __restrict__ coef, PairLayout L, int64_t segs,
                                     scalar_t* __restrict__ ga, scalar_t* __restrict__ gb) {
-  const int64_t c = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  const int64_t c = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) * P;
   if (c >= L.C) return;
   int64_t begin, end;
   segment_bounds(L.D, segs, blockIdx.z, 1, begin, end);
   for (int64_t n = blockIdx.y; n < L.N; n += gridDim.y) {
-    const Coefficients<acc_t> k(coef + (n * L.C + c) * kNumCoefs);
+    Coefficients<acc_t> k[P];
+#pragma unroll
+    for (int q = 0; q < P; ++q) k[q].load(coef + (n * L.C + c + q) * kNumCoefs);
     const scalar_t* ra = a + n * L.sn[0] + c * L.sc[0];
     const scalar_t* rb = b + n * L.sn[1] + c * L.sc[1];
     scalar_t* rga = ga + n * L.sn[2] + c * L.sc[2];
     scalar_t* rgb = gb + n * L.sn[3] + c * L.sc[3];
     Cursor<NT> at(L, begin);
     for (int64_t j = begin; j < end; j += kColumnUnroll) {
-      scalar_t x[kColumnUnroll], y[kColumnUnroll];
+      Pack<scalar_t, P> x[kColumnUnroll], y[kColumnUnroll];
       int64_t oa[kColumnUnroll], ob[kColumnUnroll];
 #pragma unroll
       for (int u = 0; u < kColumnUnroll; ++u) {
         if (j + u < end) {
-          x[u] = ra[at[0]];
-          y[u] = rb[at[1]];
+          x[u] = load_pack<scalar_t, P>(ra + at[0]);
+          y[u] = load_pack<scalar_t, P>(rb + at[1]);
           oa[u] = at[2];
           ob[u] = at[3];
           at.next(L);
         }
       }
 #pragma unroll
-      for (int u = 0; u < kColumnUnroll; ++u)
-        if (j + u < end) k.apply(x[u], y[u], rga[oa[u]], rgb[ob[u]]);
+      for (int u = 0; u < kColumnUnroll; ++u) {
+        if (j + u < end) {
+          Pack<scalar_t, P> gx, gy;
+#pragma unroll
+          for (int q = 0; q < P; ++q) k[q].apply(x[u].v[q], y[u].v[q], gx.v[q], gy.v[q]);
+          *reinterpret_cast<Pack<scalar_t, P>*>(rga + oa[u]) = gx;
+          *reinterpret_cast<Pack<scalar_t, P>*>(rgb + ob[u]) = gy;
+        }
+      }
     }
   }
 }
@@ -428,10 +477,14 @@ std::tuple<at::Tensor, at::Tensor> stabilize_grad_cuda(const at::Tensor& a, cons
   at::Tensor coef = at::empty({L.N, L.C, kNumCoefs}, call.stats.options());
   const int64_t sms = multiprocessors();
   const bool columns = L.by_columns();
+  const bool paired = columns && columns_paired(L, a.element_size(), {a.const_data_ptr(), b.const_data_ptr(),
+                                                                      call.grad_a.const_data_ptr(),
+                                                                      call.grad_b.const_data_ptr()});
+  const bool shared = same_strides(L);
   const bool flat = flat_rows(L);
   const Launch per_map = elementwise_launch(L.N * L.C, sms);
   // The walks over maps are cut and gridded like the statistics passes of the same layout.
-  const Launch walk = columns ? stats_columns_launch(L.N, L.C, L.D, sms)
+  const Launch walk = columns ? stats_columns_launch(L.N, paired ? L.C / 2 : L.C, L.D, sms)
                       : flat  ? stats_rows_launch(L.N, L.C, L.D, sms)
                               : elementwise_launch(L.N * L.C * L.D, sms);
 
@@ -447,11 +500,18 @@ std::tuple<at::Tensor, at::Tensor> stabilize_grad_cuda(const at::Tensor& a, cons
     scalar_t* pga = call.grad_a.mutable_data_ptr<scalar_t>();
     scalar_t* pgb = call.grad_b.mutable_data_ptr<scalar_t>();
     const dim3 grid = grid_of(walk);
-    if (columns && same_strides(L)) {
-      grad_columns_kernel<scalar_t, acc_t, 1><<<grid, walk.threads, 0, stream>>>(pa, pb, pk, L, walk.segs, pga, pgb);
+    constexpr int P = sizeof(scalar_t) == 2 ? 2 : 1;  // as in the statistics pass
+    if (columns && paired && shared) {
+      grad_columns_kernel<scalar_t, acc_t, 1, P><<<grid, walk.threads, 0, stream>>>(pa, pb, pk, L, walk.segs, pga, pgb);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    } else if (columns && paired) {
+      grad_columns_kernel<scalar_t, acc_t, 4, P><<<grid, walk.threads, 0, stream>>>(pa, pb, pk, L, walk.segs, pga, pgb);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    } else if (columns && shared) {
+      grad_columns_kernel<scalar_t, acc_t, 1, 1><<<grid, walk.threads, 0, stream>>>(pa, pb, pk, L, walk.segs, pga, pgb);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     } else if (columns) {
-      grad_columns_kernel<scalar_t, acc_t, 4><<<grid, walk.threads, 0, stream>>>(pa, pb, pk, L, walk.segs, pga, pgb);
+      grad_columns_kernel<scalar_t, acc_t, 4, 1><<<grid, walk.threads, 0, stream>>>(pa, pb, pk, L, walk.segs, pga, pgb);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     } else if (flat && rows_aligned<scalar_t>(L, {pa, pb, pga, pgb})) {
       grad_flat_kernel<scalar_t, acc_t, VecWidth<scalar_t>::value><<<grid, walk.threads, 0, stream>>>(pa, pb, pk, L, walk.segs, pga, pgb);
