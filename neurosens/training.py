@@ -412,7 +412,9 @@ class Trainer:
         cfg = self.config
         path = self.out_dir / CHECKPOINT if self.out_dir is not None else None
         if resume and path is not None and path.is_file():
-            self.load_state_dict(load_checkpoint(path, self.device))
+            # Read on the host: load_state_dict puts the weights and optimizer state on the model's
+            # device, and generator states must stay CPU byte tensors.
+            self.load_state_dict(load_checkpoint(path))
         else:
             seed_everything(cfg.seed + self.rank, cfg.deterministic)
         if self.out_dir is not None and self.rank == 0:
