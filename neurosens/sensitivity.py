@@ -225,12 +225,16 @@ class NeuronSensitivity:
 def _moments(distances, start):
     """The running statistics of one batch of [N, C] float64 distances whose first sample sits at
     position ``start`` of the stream: ``sum`` [2, C] (samples at even and odd positions apart, the
-    two halves of a split-half ranking), ``count`` [2] (samples per half), ``square`` [C] (sums of
-    squares) and ``layer_square`` [1] (sum of squares of each sample's mean over the neurons)."""
-    half = (torch.arange(distances.shape[0], device=distances.device) + start) % 2
+    two halves of a split-half ranking), ``count`` [2] (samples per half, on the host: it follows
+    from N and ``start`` alone), ``square`` [C] (sums of squares) and ``layer_square`` [1] (sum of
+    squares of each sample's mean over the neurons). No op here waits for the GPU, so a
+    measurement's host work overlaps the forward passes."""
+    n = distances.shape[0]
+    even = (n + 1 - start % 2) // 2  # positions in [start, start + n) that are even
+    first, second = distances[0::2].sum(0), distances[1::2].sum(0)  # rows of the half of row 0, then of the other
     return {
-        "sum": distances.new_zeros(2, distances.shape[1]).index_add_(0, half, distances),
-        "count": torch.bincount(half, minlength=2).to(torch.float64),
+        "sum": torch.stack([first, second] if start % 2 == 0 else [second, first]),
+        "count": torch.tensor([even, n - even], dtype=torch.float64),
         "square": distances.square().sum(0),
         "layer_square": distances.mean(1).square().sum(0, keepdim=True),
     }
