@@ -33,7 +33,7 @@ import time
 import torch
 from torch import nn
 
-from bench_ops import environment, header
+from bench_ops import check_device, environment, header
 from neurosens.sensitivity import NeuronSensitivity
 
 EPS = 8 / 255
@@ -328,6 +328,7 @@ def main():
     parser.add_argument("--memory-child", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--method", default="streaming", choices=["streaming", "stored"], help=argparse.SUPPRESS)
     args = parser.parse_args()
+    check_device(parser, args.device)
     if args.memory_child is not None:
         memory_child(args)
         return

@@ -42,6 +42,12 @@ TINY_SHAPE = (2, 8)
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
+def check_device(parser, device):
+    """One line, not a traceback, when the device asked for is not there."""
+    if torch.device(device).type == "cuda" and not torch.cuda.is_available():
+        parser.error(f"--device {device}: no CUDA device is visible to torch {torch.__version__}")
+
+
 def timed(fn, device, repeats, warmup=3):
     return timed_interleaved({"fn": fn}, device, repeats, warmup)["fn"]
 
@@ -281,7 +287,7 @@ def header(env):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
     parser.add_argument("--repeats", type=int, default=15)
     parser.add_argument("--large", action="store_true", help=f"also time {LARGE_SHAPES} (several GB of memory)")
@@ -295,6 +301,7 @@ def main():
                                                      "waiting on a descheduled worker thread)")
     parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
     args = parser.parse_args()
+    check_device(parser, args.device)
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.keep_freed_memory:

@@ -28,7 +28,7 @@ import time
 
 import torch
 
-from bench_ops import environment, header
+from bench_ops import check_device, environment, header
 
 MODELS = {
     "small-cnn (MNIST)": {"spec": {"name": "small-cnn", "num_classes": 10, "in_channels": 1, "input_size": 28}, "eps": 0.3},
@@ -116,7 +116,7 @@ def run_backend(args):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--pgd-steps", type=int, default=10)
     parser.add_argument("--cnn-batch", type=int, default=128)
     parser.add_argument("--resnet-batch", type=int, default=32, help="(default: 32 on a CPU; use 256 on a GPU)")
@@ -130,6 +130,7 @@ def main():
     parser.add_argument("--backend-only", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
     args = parser.parse_args()
+    check_device(parser, args.device)
     if args.backend_only:
         return run_backend(args)
 

@@ -12,6 +12,7 @@ import os
 import torch
 from torch.profiler import ProfilerActivity, profile
 
+from bench_ops import check_device
 from neurosens import ops
 
 LARGE = (256, 256, 56, 56)
@@ -35,6 +36,7 @@ def main():
     parser.add_argument("--calls", type=int, default=10)
     parser.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
     args = parser.parse_args()
+    check_device(parser, args.device)
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if args.device == "cuda" else [])
     sort_by = "device_time_total" if args.device == "cuda" else "cpu_time_total"
     sections = []
