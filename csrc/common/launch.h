@@ -30,7 +30,8 @@ inline int64_t choose_segments(int64_t workers, int64_t D, int64_t target, int64
 
 inline int64_t ceil_div(int64_t x, int64_t y) { return (x + y - 1) / y; }
 
-// Statistics, a thread per (sample, neuron, segment): neurons along x so that loads coalesce
+// Statistics and the backward by columns, a thread per (sample, neuron, segment), or per pair of
+// neurons when the caller passes C / 2: neurons along x so that loads coalesce
 // when neurons are adjacent in memory, samples along y (looped over beyond 65535), segments on z.
 inline Launch stats_columns_launch(int64_t N, int64_t C, int64_t D, int64_t sms) {
   Launch l;
@@ -42,8 +43,8 @@ inline Launch stats_columns_launch(int64_t N, int64_t C, int64_t D, int64_t sms)
   return l;
 }
 
-// Statistics, a warp per (sample, neuron, segment): maps along x (looped over beyond the grid),
-// segments on y.
+// Statistics and the flat-row backward, a warp per (sample, neuron, segment): maps along x
+// (looped over beyond the grid), segments on y.
 inline Launch stats_rows_launch(int64_t N, int64_t C, int64_t D, int64_t sms) {
   Launch l;
   l.threads = kThreads;

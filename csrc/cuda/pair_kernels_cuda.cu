@@ -4,10 +4,10 @@
 // Both passes use one of three mappings, by layout:
 //  * flat rows: a warp per (sample, neuron) map that is one stride-1 run in every tensor (NCHW),
 //               lanes striding along it with 16-byte loads and stores where every row is aligned;
-//  * columns:   a thread per (sample, neuron), neighbouring threads on neighbouring neurons, so
-//               loads coalesce when neurons are adjacent in memory (NHWC, [N, C], [N, T, C]); each
-//               thread walks its map with a cursor (no division per element) and keeps its
-//               backward coefficients in registers;
+//  * columns:   a thread per (sample, neuron), or per two neurons for 16-bit inputs, neighbouring
+//               threads on neighbouring neurons, so loads coalesce when neurons are adjacent in
+//               memory (NHWC, [N, C], [N, T, C]); each thread walks its map with a cursor (no
+//               division per element) and keeps its backward coefficients in registers;
 //  * otherwise (slices, mixed layouts): statistics by a warp per map, gradients by a thread per
 //               element, each computing its offsets from the strides.
 // Maps may be cut into segments to keep enough loads in flight; segments write partial sums that
@@ -36,7 +36,7 @@ struct VecWidth {
   static constexpr int value = 16 / static_cast<int>(sizeof(scalar_t));
 };
 
-// V elements moved by one 16-byte load or store.
+// V elements moved by one load or store (16 bytes along rows, 4 for a pair of 16-bit neurons).
 template <typename scalar_t, int V>
 struct alignas(sizeof(scalar_t) * V) Pack {
   scalar_t v[V];
