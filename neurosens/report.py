@@ -372,11 +372,13 @@ def union_layers(reports):
 class Comparison:
     """Per-layer mean sensitivity of several models and each one's ratio to the first (the baseline)."""
 
-    def __init__(self, labels, layers, means, shared_layers):
+    def __init__(self, labels, layers, means, shared_layers, stderr=None):
         self.labels = labels
         self.layers = layers
         self.means = means  # means[label][layer] -> float, NaN where a model lacks the layer
         self.shared_layers = shared_layers  # the layers every report has (their means may still be NaN)
+        # stderr[label][layer] -> the standard error of that mean, NaN where the report has none
+        self.stderr = stderr or {label: {} for label in labels}
 
     def ratio(self, label, layer):
         base = self.means[self.labels[0]][layer]
@@ -405,10 +407,16 @@ class Comparison:
 
     def text_rows(self):
         """``(header, rows of strings)`` as tables print them: ``-`` where a model lacks the layer,
-        ratios as ``0.0047x``."""
+        ``mean ± standard error`` where the report has it, ratios as ``0.0047x``."""
         rows = self.rows()
         header = list(rows[0])
-        return header, [[row["layer"]] + [_cell(row[h], ratio=" / " in h) for h in header[1:]] for row in rows]
+
+        def cell(row, h):
+            text = _cell(row[h], ratio=" / " in h)
+            se = self.stderr.get(h, {}).get(row["layer"], math.nan)
+            return text if math.isnan(se) or text == "-" else f"{text} ± {se:.2g}"
+
+        return header, [[row["layer"]] + [cell(row, h) for h in header[1:]] for row in rows]
 
     def to_markdown(self):
         header, rows = self.text_rows()
@@ -446,12 +454,13 @@ def compare(reports, labels=None):
     if len(metrics) > 1:
         raise ValueError(f"compare: the reports use different metrics ({', '.join(map(str, sorted(metrics, key=str)))})")
     layers = union_layers(reports)
-    means = {}
+    means, stderr = {}, {}
     for label, report in zip(labels, reports):
         per_layer = report.layer_means()
         means[label] = {layer: per_layer.get(layer, math.nan) for layer in layers}
+        stderr[label] = {layer: float(se) for layer, se in (report.layer_stderr or {}).items()}
     shared = [layer for layer in layers if all(layer in r.layers for r in reports)]
-    table = Comparison(labels, layers, means, shared)
+    table = Comparison(labels, layers, means, shared, stderr)
     if not shared:
         raise ValueError(f"compare: the reports have no layer in common ({', '.join(labels)})")
     for label in labels:

@@ -94,6 +94,8 @@ def run_study(models, test_set, eps, out_dir, layers="auto", intervention_model=
     summary = {
         "eps": eps, "steps": steps, "test_images": len(test_set), "robustness": robust,
         "layer_means": {label: reports[label].layer_means() for label in labels},
+        "layer_stderr": {label: {layer: float(se) for layer, se in (reports[label].layer_stderr or {}).items()}
+                         for label in labels},
         "interventions": {"model": target, "layer": layer, "curves": curves, "at_10_percent": headline},
         "seconds": time.perf_counter() - started,
     }

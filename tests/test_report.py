@@ -109,6 +109,17 @@ def test_compare_means_and_ratios(tmp_path):
         assert next(csv.reader(f)) == ["layer", "standard", "robust", "small", "robust / standard", "small / standard"]
 
 
+def test_compare_shows_the_standard_error_of_each_layer_mean_where_a_report_has_it():
+    plain = SensitivityReport({"a": torch.full((4,), 0.5, dtype=torch.float64)}, {"metric": "l1"})
+    measured = SensitivityReport({"a": torch.full((4,), 0.25, dtype=torch.float64)}, {"metric": "l1"},
+                                 stderr={"a": torch.full((4,), 0.01, dtype=torch.float64)}, layer_stderr={"a": 0.0031},
+                                 halves={"a": torch.full((2, 4), 0.25, dtype=torch.float64)})
+    header, rows = compare([plain, measured], ["plain", "measured"]).text_rows()
+    cells = dict(zip(header, rows[0]))
+    assert cells["plain"] == "0.5" and cells["measured"] == "0.25 ± 0.0031" and cells["measured / plain"] == "0.5x"
+    assert "±" not in " ".join(rows[1])  # the mean over layers has no standard error of its own
+
+
 def test_compare_errors_and_default_labels():
     a, b = make_report(), make_report(metric="cosine")
     with pytest.raises(ValueError, match=r"different metrics \(cosine, l1\)"):
