@@ -115,9 +115,10 @@ __device__ __forceinline__ void warp_reduce(double* total) {
     for (int offset = kWarp / 2; offset > 0; offset /= 2) total[k] += __shfl_down_sync(0xffffffff, total[k], offset);
 }
 
-// Flat rows: a warp per (sample, neuron, segment), V elements per load (V = 1: unaligned rows).
-template <typename scalar_t, typename acc_t, int kMask, int V>
-__global__ void stats_flat_kernel(const scalar_t* __restrict__ a, const scalar_t* __restrict__ b, PairLayout L,
+// A warp per (sample, neuron, segment). Flat rows (kFlat) are read V elements per load (V = 1:
+// unaligned rows); any other strides, one element at a time, offsets computed from the strides.
+template <typename scalar_t, typename acc_t, int kMask, bool kFlat, int V>
+__global__ void stats_rows_kernel(const scalar_t* __restrict__ a, const scalar_t* __restrict__ b, PairLayout L,
                                   int64_t segs, int keep, acc_t* __restrict__ partial) {
   const int64_t rows = L.N * L.C;
   const int64_t warps_per_block = blockDim.x / kWarp;
@@ -132,37 +133,18 @@ __global__ void stats_flat_kernel(const scalar_t* __restrict__ a, const scalar_t
     const scalar_t* ra = a + n * L.sn[0] + c * L.sc[0];
     const scalar_t* rb = b + n * L.sn[1] + c * L.sc[1];
     BlockedSums<kMask, acc_t> s;
+    if constexpr (kFlat) {
 #pragma unroll 2
-    for (int64_t j = begin + lane * V; j < vend; j += kWarp * V) {
-      const Pack<scalar_t, V> x = load_pack<scalar_t, V>(ra + j), y = load_pack<scalar_t, V>(rb + j);
+      for (int64_t j = begin + lane * V; j < vend; j += kWarp * V) {
+        const Pack<scalar_t, V> x = load_pack<scalar_t, V>(ra + j), y = load_pack<scalar_t, V>(rb + j);
 #pragma unroll
-      for (int i = 0; i < V; ++i) s.add(static_cast<acc_t>(x.v[i]), static_cast<acc_t>(y.v[i]));
+        for (int i = 0; i < V; ++i) s.add(static_cast<acc_t>(x.v[i]), static_cast<acc_t>(y.v[i]));
+      }
+      for (int64_t j = vend + lane; j < end; j += kWarp) s.add(static_cast<acc_t>(ra[j]), static_cast<acc_t>(rb[j]));
+    } else {
+      for (int64_t j = begin + lane; j < end; j += kWarp)
+        s.add(static_cast<acc_t>(ra[spatial_offset(L, 0, j)]), static_cast<acc_t>(rb[spatial_offset(L, 1, j)]));
     }
-    for (int64_t j = vend + lane; j < end; j += kWarp) s.add(static_cast<acc_t>(ra[j]), static_cast<acc_t>(rb[j]));
-    s.finish();
-    warp_reduce(s.total);
-    if (lane == 0) store_stats(s.total, keep, partial + (seg * rows + warp) * kNumStats);
-  }
-}
-
-// Any strides: a warp per (sample, neuron, segment), offsets from the strides per element.
-template <typename scalar_t, typename acc_t, int kMask>
-__global__ void stats_strided_kernel(const scalar_t* __restrict__ a, const scalar_t* __restrict__ b, PairLayout L,
-                                     int64_t segs, int keep, acc_t* __restrict__ partial) {
-  const int64_t rows = L.N * L.C;
-  const int64_t warps_per_block = blockDim.x / kWarp;
-  const int lane = threadIdx.x % kWarp;
-  const int64_t seg = blockIdx.y;
-  int64_t begin, end;
-  segment_bounds(L.D, segs, seg, 1, begin, end);
-  for (int64_t warp = blockIdx.x * warps_per_block + threadIdx.x / kWarp; warp < rows;
-       warp += static_cast<int64_t>(gridDim.x) * warps_per_block) {
-    const int64_t n = warp / L.C, c = warp % L.C;
-    const scalar_t* ra = a + n * L.sn[0] + c * L.sc[0];
-    const scalar_t* rb = b + n * L.sn[1] + c * L.sc[1];
-    BlockedSums<kMask, acc_t> s;
-    for (int64_t j = begin + lane; j < end; j += kWarp)
-      s.add(static_cast<acc_t>(ra[spatial_offset(L, 0, j)]), static_cast<acc_t>(rb[spatial_offset(L, 1, j)]));
     s.finish();
     warp_reduce(s.total);
     if (lane == 0) store_stats(s.total, keep, partial + (seg * rows + warp) * kNumStats);
@@ -299,13 +281,14 @@ void launch_stats(const StatsPlan& p, cudaStream_t stream, const scalar_t* pa, c
     stats_columns_kernel<scalar_t, acc_t, kMask, 2, 1><<<p.grid, threads, 0, stream>>>(pa, pb, L, segs, keep, pp);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   } else if (p.flat && p.aligned) {
-    stats_flat_kernel<scalar_t, acc_t, kMask, VecWidth<scalar_t>::value><<<p.grid, threads, 0, stream>>>(pa, pb, L, segs, keep, pp);
+    stats_rows_kernel<scalar_t, acc_t, kMask, true, VecWidth<scalar_t>::value>
+        <<<p.grid, threads, 0, stream>>>(pa, pb, L, segs, keep, pp);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   } else if (p.flat) {
-    stats_flat_kernel<scalar_t, acc_t, kMask, 1><<<p.grid, threads, 0, stream>>>(pa, pb, L, segs, keep, pp);
+    stats_rows_kernel<scalar_t, acc_t, kMask, true, 1><<<p.grid, threads, 0, stream>>>(pa, pb, L, segs, keep, pp);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   } else {
-    stats_strided_kernel<scalar_t, acc_t, kMask><<<p.grid, threads, 0, stream>>>(pa, pb, L, segs, keep, pp);
+    stats_rows_kernel<scalar_t, acc_t, kMask, false, 1><<<p.grid, threads, 0, stream>>>(pa, pb, L, segs, keep, pp);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
 }
