@@ -17,22 +17,12 @@ import os
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from bench_ops import check_device, stabilize_variants
+from bench_ops import check_device, make_inputs, stabilize_variants
 from neurosens import ops
 
 LARGE = (256, 256, 56, 56)
 CASES = [((2, 8), torch.float32, "contiguous")] + [
     (LARGE, dtype, fmt) for dtype in (torch.float32, torch.bfloat16) for fmt in ("contiguous", "channels_last")]
-
-
-def make_pair(shape, dtype, fmt, device):
-    gen = torch.Generator(device=device).manual_seed(0)
-    a = torch.randn(shape, device=device, generator=gen)
-    b = (a + 0.1 * torch.randn(shape, device=device, generator=gen)).to(dtype)
-    a = a.to(dtype)
-    if fmt == "channels_last":
-        a, b = a.contiguous(memory_format=torch.channels_last), b.contiguous(memory_format=torch.channels_last)
-    return a, b
 
 
 def main():
@@ -46,7 +36,7 @@ def main():
     sort_by = "device_time_total" if args.device == "cuda" else "cpu_time_total"
     sections = []
     for shape, dtype, fmt in CASES:
-        a, b = make_pair(shape, dtype, fmt, args.device)
+        a, b = make_inputs(shape, dtype, torch.device(args.device), fmt)
         x, y = a.clone().requires_grad_(), b.clone().requires_grad_()
         k = max(1, shape[1] // 10)
 
@@ -76,7 +66,7 @@ def main():
 
 def trace_as_benchmarked(args, activities):
     """stabilize fwd+bwd as bench_ops.py times it: variants interleaved, synchronized per call."""
-    a, b = make_pair(LARGE, torch.float32, "contiguous", args.device)
+    a, b = make_inputs(LARGE, torch.float32, torch.device(args.device))
     variants = stabilize_variants(a, b, LARGE[1] // 10)
     sync = torch.cuda.synchronize if args.device == "cuda" else (lambda: None)
     for fn in variants.values():

@@ -29,13 +29,12 @@ def rng_state():
 
 
 def set_rng_state(state):
-    """Restore what :func:`rng_state` returned, wherever a checkpoint's loading put its tensors
-    (generator states are CPU byte tensors whatever the generator's device)."""
-    torch.set_rng_state(state["torch"].cpu())
+    """Restore what :func:`rng_state` returned (its tensors on the host, as generator states must be)."""
+    torch.set_rng_state(state["torch"])
     if state["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])
+        torch.cuda.set_rng_state_all(state["cuda"])
     n = state["numpy"]
-    np.random.set_state(("MT19937", n["keys"].cpu().numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
+    np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
     version, internal, gauss_next = state["python"]
     random.setstate((version, tuple(internal), gauss_next))
 

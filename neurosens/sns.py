@@ -286,4 +286,4 @@ class SNSRegularizer:
         self._calls = int(state["calls"])
         self.selections = {name: idx.to(device) for name, idx in state["selections"].items()}
         if "generator" in state:  # absent from states saved before the random selection existed
-            self.generator.set_state(state["generator"].cpu())  # a CPU byte tensor, wherever it was loaded
+            self.generator.set_state(state["generator"])
