@@ -275,7 +275,7 @@ def _ddp_worker(rank, world, out):
 @pytest.mark.slow
 def test_ranks_share_the_probe_and_agree_with_one_process(tmp_path):
     torch.multiprocessing.spawn(_ddp_worker, args=(2, str(tmp_path)), nprocs=2, join=True)
-    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))
+    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True, map_location="cpu") for r in (0, 1))
     alone = SensitivityMonitor(fresh_model(), probe(30), "fgsm", eps=0.1, every=None, batch_size=8).measure()
     assert without_seconds([r0]) == without_seconds([r1])
     assert r0["samples"] == 30 and r0["clean"] == alone["clean"] and r0["robust"] == alone["robust"]

@@ -139,7 +139,7 @@ def _ddp_worker(rank, world, out):
 @pytest.mark.slow
 def test_ddp_ranks_select_the_same_neurons_and_stay_identical(tmp_path):
     mp.spawn(_ddp_worker, args=(2, str(tmp_path)), nprocs=2, join=True)
-    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))
+    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True, map_location="cpu") for r in (0, 1))
     assert len(r0["picks"]) == len(r1["picks"]) == 2 * 4  # 2 epochs of 128 images per rank, 32 per batch
     for p0, p1 in zip(r0["picks"], r1["picks"]):
         for name in p0:

@@ -48,10 +48,12 @@ def test_adversarial_training_buys_robustness():
         model = fresh_model()
         cfg = config(method=method, epochs=6, optimizer="adam", lr=3e-3, weight_decay=0, eps=0.15, steps=5, eval_limit=0)
         Trainer(model, train, test, cfg).fit()
+        # The trainer moves the model to the GPU when there is one.
+        device = next(model.parameters()).device
         torch.manual_seed(0)
-        x_adv = PGD(model, 0.15, steps=20)(xt, yt)
+        x_adv = PGD(model, 0.15, steps=20)(xt.to(device), yt.to(device))
         with torch.no_grad():
-            robust[method] = (model(x_adv).argmax(1) == yt).float().mean().item()
+            robust[method] = (model(x_adv).argmax(1) == yt.to(device)).float().mean().item()
     assert robust["pgd_at"] > robust["standard"] + 0.2, robust
     assert robust["trades"] > robust["standard"] + 0.2, robust
 
@@ -85,11 +87,15 @@ def test_checkpoints_load_with_weights_only_and_no_temp_files(tmp_path):
     state = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
     assert state["epoch"] == 1 and state["config"]["method"] == "pgd_at" and len(state["rng"]) == 1
     model = load_model(tmp_path / "model.pt")
+    # The trainer runs on the GPU when there is one; the loaded model is on the host, so both are
+    # compared there (a GPU forward may round differently).
+    trained = trainer.model.cpu().eval()
+    assert model.state_dict().keys() == trained.state_dict().keys()
+    for (name, saved), (_, kept) in zip(model.state_dict().items(), trained.state_dict().items()):
+        assert torch.equal(saved, kept), f"{name} differs in model.pt"
     x = torch.rand(5, 1, 8, 8)
     with torch.no_grad():
-        # The trainer runs on the GPU when there is one; the loaded model is on the host.
-        trained = trainer.model.eval()(x.to(next(trainer.model.parameters()).device)).cpu()
-        torch.testing.assert_close(model(x), trained, rtol=0, atol=0)
+        torch.testing.assert_close(model(x), trained(x), rtol=0, atol=0)
 
 
 def test_schedules_and_eps_warmup():
@@ -154,7 +160,7 @@ def _ddp_worker(rank, world, out):
 @pytest.mark.slow
 def test_ddp_two_gloo_processes_train_identical_replicas(tmp_path):
     mp.spawn(_ddp_worker, args=(2, str(tmp_path)), nprocs=2, join=True)
-    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))
+    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True, map_location="cpu") for r in (0, 1))
     for name, a in r0["model"].items():
         assert torch.equal(a, r1["model"][name]), f"replicas differ at {name}"
     init = fresh_model(seed=0).state_dict()
