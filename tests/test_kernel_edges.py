@@ -178,6 +178,9 @@ SPLIT_SHAPES = [
     ("nchw, offset by one element", (3, 8, 40, 50), 1),
     ("one map, aligned with a tail", (1, 1, 2**16 + 5), 1),
     ("channels_last sliced", (4, 37, 29, 31), 1),
+    # Short maps, taken eight neurons at a time on the CPU: a tail of 7 elements, a last group of 3.
+    ("nchw, short maps", (64, 1003, 3, 5), 1),
+    ("nchw, maps shorter than a vector", (64, 515, 2, 2), 1),
 ]
 
 
@@ -221,6 +224,9 @@ def test_values_where_the_work_is_split(device, num_threads, layout, shape, cdim
             expected = reference.neuron_distance_per_sample(a.double(), b.double(), metric, cdim, relative)
             got = ops.neuron_distance_per_sample(a, b, metric, cdim, relative)
             torch.testing.assert_close(got.double(), expected, rtol=1e-4, atol=1e-5)
+            # The batch sums: on the CPU split by neurons, each summed by one task.
+            got = ops.neuron_distance(a, b, metric, cdim, relative)
+            torch.testing.assert_close(got.sum.double(), expected.sum(0), rtol=1e-4, atol=1e-5)
         C = a.shape[cdim]
         idx = torch.arange(C - 1, -1, -2, device=device)
         x, y = a.clone().requires_grad_(), b.clone().requires_grad_()
@@ -241,6 +247,44 @@ def test_values_where_the_work_is_split(device, num_threads, layout, shape, cdim
                 norm = _map_norms(t.double(), cdim).clamp(max=1.0)
                 got, want = got.double() * norm, want * norm
             torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-2 * scale)
+
+
+@requires_ext
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("metric", METRICS)
+@pytest.mark.parametrize("D", [4, 15, 16])
+def test_edge_values_in_short_maps(device, metric, D):
+    # float32 maps of up to 64 elements go eight neurons at a time on the CPU; one neuron per
+    # edge value, and 11 neurons, so the edge values fall in a full group and in a last short one.
+    gen = torch.Generator().manual_seed(D)
+    a = torch.randn(3, 11, D, generator=gen)
+    b = a + 0.3 * torch.randn(3, 11, D, generator=gen)
+    b[:, 1, 0] = float("inf")
+    a[:, 2, -1] = float("nan")
+    a[:, 3, 1], b[:, 3, 1] = float("inf"), float("inf")
+    a[:, 4], b[:, 4] = 3e38, -3e38  # differences overflow float32
+    a[:, 5], b[:, 5] = 0.0, 0.0
+    a[:, 9], b[:, 9] = 1e-30, 0.0  # squares underflow
+    a[:, 10, -1] = -float("inf")
+    for relative in ([False, True] if metric != "cosine" else [False]):
+        got = ops.neuron_distance_per_sample(a.to(device), b.to(device), metric, relative=relative).cpu()
+        want = reference.neuron_distance_per_sample(a, b, metric, relative=relative)
+        torch.testing.assert_close(got, want, equal_nan=True)
+        got = ops.neuron_distance(a.to(device), b.to(device), metric, relative=relative).sum.cpu()
+        torch.testing.assert_close(got, want.double().sum(0).float(), equal_nan=True)
+
+
+@requires_ext
+@pytest.mark.parametrize("layout,shape,cdim", SPLIT_SHAPES, ids=[f"{c[0]} {list(c[1])}" for c in SPLIT_SHAPES])
+def test_batch_sums_are_the_same_bits_whatever_the_thread_count(layout, shape, cdim, threads):
+    a, b = _make_split_pair(layout, shape, "cpu")
+    results = []
+    for num_threads in (1, 2, 4, 7):
+        threads(num_threads)
+        results.append((ops.neuron_distance(a, b, "l2", cdim).sum, ops.neuron_topk(a, b, 0.5, channel_dim=cdim)))
+    for total, top in results[1:]:
+        assert torch.equal(total, results[0][0])
+        assert torch.equal(top.values, results[0][1].values) and torch.equal(top.indices, results[0][1].indices)
 
 
 def _map_norms(t, cdim):

@@ -7,6 +7,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <memory>
 #include <string>
 #include <type_traits>
@@ -74,6 +75,13 @@ NEUROSENS_INLINE inline void for_each_map(const PairLayout& L, int64_t begin, in
   }
 }
 
+// f(n, c0, c1) for each sample n with maps in [begin, end), c0 <= c < c1 its neurons there.
+template <typename F>
+NEUROSENS_INLINE inline void for_each_sample_run(const PairLayout& L, int64_t begin, int64_t end, F&& f) {
+  for (int64_t n = begin / L.C; n * L.C < end; ++n)
+    f(n, std::max<int64_t>(begin - n * L.C, 0), std::min<int64_t>(end - n * L.C, L.C));
+}
+
 // f(o, len) for each run of map (n, c); element i of the run is at o.t[t] + i * L.ss[t][2].
 template <typename F>
 NEUROSENS_INLINE inline void walk_runs(const PairLayout& L, int64_t n, int64_t c, F&& f) {
@@ -137,6 +145,84 @@ NEUROSENS_INLINE inline void gather_stats(const sum_t* sums, int64_t step, acc_t
   for (int s = 0; s < kNumStats; ++s) st[s] = has_stat(kMask, s) ? static_cast<acc_t>(sums[s * step]) : acc_t(0);
 }
 
+// Short flat maps (float): eight maps at a time. Each map's elements are summed into one 8-lane
+// vector, and the eight vectors of a statistic are then summed across lanes together, in three
+// rounds of pairwise shuffles, instead of eight horizontal sums each on its own. Above kShortMap
+// elements a map's own horizontal sum costs little next to its reads.
+constexpr int64_t kShortMap = 64;
+using Float8 = float __attribute__((vector_size(32)));
+
+NEUROSENS_INLINE inline Float8 load8(const float* p) {
+  Float8 v;
+  std::memcpy(&v, p, sizeof v);
+  return v;
+}
+
+// Lane g of the result: the sum of the eight lanes of v[g].
+NEUROSENS_INLINE inline Float8 lane_sums(const Float8* v) {
+  Float8 pairs[4], quads[2];
+  for (int i = 0; i < 4; ++i)  // lanes: v[2i] 01, v[2i+1] 01, v[2i] 23, v[2i+1] 23, ...
+    pairs[i] = __builtin_shufflevector(v[2 * i], v[2 * i + 1], 0, 8, 2, 10, 4, 12, 6, 14) +
+               __builtin_shufflevector(v[2 * i], v[2 * i + 1], 1, 9, 3, 11, 5, 13, 7, 15);
+  for (int i = 0; i < 2; ++i)  // lanes: v[4i..4i+3] 0123, then the same four 4567
+    quads[i] = __builtin_shufflevector(pairs[2 * i], pairs[2 * i + 1], 0, 1, 8, 9, 4, 5, 12, 13) +
+               __builtin_shufflevector(pairs[2 * i], pairs[2 * i + 1], 2, 3, 10, 11, 6, 7, 14, 15);
+  return __builtin_shufflevector(quads[0], quads[1], 0, 1, 2, 3, 8, 9, 10, 11) +
+         __builtin_shufflevector(quads[0], quads[1], 4, 5, 6, 7, 12, 13, 14, 15);
+}
+
+// The statistics in kMask of eight maps of D <= kShortMap elements starting at a[g], b[g]: lane g
+// of out[s] is statistic s of map g. A tail of under 8 elements is read into zeroed vectors (a
+// zero pair adds nothing to any statistic).
+template <int kMask>
+NEUROSENS_INLINE inline void stats_of_8_maps(const float* const* a, const float* const* b, int64_t D, Float8* out) {
+  Float8 lanes[kNumStats][8];
+  const int64_t body = D - D % 8;
+  for (int g = 0; g < 8; ++g) {
+    Float8 s[kNumStats] = {};
+    for (int64_t i = 0; i < body; i += 8)
+      accumulate_pair<kMask, Float8>(load8(a[g] + i), load8(b[g] + i), s[0], s[1], s[2], s[3], s[4], s[5]);
+    if (body < D) {
+      Float8 x = {}, y = {};
+      std::memcpy(&x, a[g] + body, (D - body) * sizeof(float));
+      std::memcpy(&y, b[g] + body, (D - body) * sizeof(float));
+      accumulate_pair<kMask, Float8>(x, y, s[0], s[1], s[2], s[3], s[4], s[5]);
+    }
+    for (int st = 0; st < kNumStats; ++st) lanes[st][g] = s[st];
+  }
+  for (int st = 0; st < kNumStats; ++st)
+    if (has_stat(kMask, st)) out[st] = lane_sums(lanes[st]);
+}
+
+// sink(n, c, st) for the maps [begin, end) of a flat float layout with maps of D <= kShortMap,
+// eight neurons of a sample at a time; a last group of fewer repeats its first map in the empty
+// slots.
+template <int kMask, typename Sink>
+NEUROSENS_INLINE inline void short_maps_task(const float* pa, const float* pb, const PairLayout& L, const Sink& sink,
+                                             int64_t begin, int64_t end) {
+  for_each_sample_run(L, begin, end, [&](int64_t n, int64_t c0, int64_t c1) NEUROSENS_INLINE {
+    const float* a = pa + n * L.sn[0];
+    const float* b = pb + n * L.sn[1];
+    for (int64_t c = c0; c < c1; c += 8) {
+      const int count = static_cast<int>(std::min<int64_t>(8, c1 - c));
+      const float* ga[8];
+      const float* gb[8];
+      for (int g = 0; g < 8; ++g) {
+        const int64_t cg = c + (g < count ? g : 0);
+        ga[g] = a + cg * L.sc[0];
+        gb[g] = b + cg * L.sc[1];
+      }
+      Float8 out[kNumStats];
+      stats_of_8_maps<kMask>(ga, gb, L.D, out);
+      for (int g = 0; g < count; ++g) {
+        float st[kNumStats];
+        for (int s = 0; s < kNumStats; ++s) st[s] = has_stat(kMask, s) ? out[s][g] : 0.0f;
+        sink(n, c + g, st);
+      }
+    }
+  });
+}
+
 // f(std::integral_constant<int, mask>) with the statistics the public ops ask for compiled as their
 // own kernels; any other set computes all six and keeps those asked for.
 template <typename F>
@@ -189,6 +275,9 @@ NEUROSENS_CLONES void stats_task(const scalar_t* pa, const scalar_t* pb, const P
   }
   const bool unit = L.ss[0][kMaxSpatial - 1] == 1 && L.ss[1][kMaxSpatial - 1] == 1;
   const bool flat = unit && L.size[0] == 1 && L.size[1] == 1;
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    if (flat && L.D <= kShortMap) return short_maps_task<kMask>(pa, pb, L, sink, begin, end);
+  }
   for_each_map(L, begin, end, [&](int64_t, int64_t n, int64_t c) NEUROSENS_INLINE {
     double total[kNumStats] = {};
     if (flat) {
@@ -248,11 +337,7 @@ at::Tensor pair_stats_cpu(const at::Tensor& a, const at::Tensor& b, int64_t chan
 }
 
 // [N, C] distances straight from the statistics, with no [N, C, kNumStats] tensor in between.
-at::Tensor distances_cpu(const at::Tensor& a, const at::Tensor& b, const std::string& metric, int64_t channel_dim,
-                         bool relative, const char* op) {
-  const Metric m = parse_distance_metric(metric, relative, op);
-  const int64_t cdim = check_pair(a, b, channel_dim, op);
-  const PairLayout L = make_layout({a, b}, cdim, op);
+at::Tensor distances_cpu(const at::Tensor& a, const at::Tensor& b, const PairLayout& L, Metric m, bool relative) {
   at::Tensor out = at::empty({L.N, L.C}, a.options().dtype(accumulation_dtype(a)));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.scalar_type(), "neurosens.distances", [&] {
     using acc_t = at::opmath_type<scalar_t>;
@@ -285,14 +370,51 @@ at::Tensor batch_sums(const at::Tensor& dist, double divisor) {
   return out;
 }
 
+// [C]: each neuron's distances summed over the samples (in sample order, in double, as
+// column_sums) and divided by `divisor`. Where maps are walked one at a time, the work is split by
+// neurons and each task sums its own, so no [N, C] distances are written and then read back by
+// one thread (on small maps that costs more than the distances). Layouts walked by columns, and
+// too few neurons to share out, go through [N, C]; both ways give the same bits.
+at::Tensor distance_sums(const at::Tensor& a, const at::Tensor& b, const PairLayout& L, Metric m, bool relative,
+                         double divisor) {
+  if (L.by_columns() || L.C < 4 * at::get_num_threads()) return batch_sums(distances_cpu(a, b, L, m, relative), divisor);
+  at::Tensor out = at::empty({L.C}, a.options().dtype(accumulation_dtype(a)));
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.scalar_type(), "neurosens.distance_sums", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    std::vector<double> total(L.C, 0.0);
+    double* pt = total.data();
+    const scalar_t* pa = a.const_data_ptr<scalar_t>();
+    const scalar_t* pb = b.const_data_ptr<scalar_t>();
+    const acc_t D = static_cast<acc_t>(L.D);
+    dispatch_stats_mask(stats_for(m, relative), [&](auto mask) {
+      auto sink = [=](int64_t, int64_t c, const acc_t* st) NEUROSENS_INLINE {
+        pt[c] += distance_from_stats<acc_t>(m, st, D, relative);
+      };
+      at::parallel_for(0, L.C, std::max<int64_t>(1, kGrainElements / (L.N * L.D)), [&](int64_t c0, int64_t c1) {
+        for (int64_t n = 0; n < L.N; ++n)
+          stats_task<decltype(mask)::value, scalar_t, acc_t>(pa, pb, L, sink, n * L.C + c0, n * L.C + c1);
+      });
+    });
+    acc_t* po = out.mutable_data_ptr<acc_t>();
+    for (int64_t c = 0; c < L.C; ++c) po[c] = static_cast<acc_t>(total[c] / divisor);
+  });
+  return out;
+}
+
 at::Tensor neuron_distance_per_sample_cpu(const at::Tensor& a, const at::Tensor& b, c10::string_view metric,
                                           int64_t channel_dim, bool relative) {
-  return distances_cpu(a, b, std::string(metric), channel_dim, relative, "neurosens.neuron_distance_per_sample");
+  const char* op = "neurosens.neuron_distance_per_sample";
+  const Metric m = parse_distance_metric(std::string(metric), relative, op);
+  const PairLayout L = make_layout({a, b}, check_pair(a, b, channel_dim, op), op);
+  return distances_cpu(a, b, L, m, relative);
 }
 
 at::Tensor neuron_distance_cpu(const at::Tensor& a, const at::Tensor& b, c10::string_view metric, int64_t channel_dim,
                                bool relative) {
-  return batch_sums(distances_cpu(a, b, std::string(metric), channel_dim, relative, "neurosens.neuron_distance"), 1.0);
+  const char* op = "neurosens.neuron_distance";
+  const Metric m = parse_distance_metric(std::string(metric), relative, op);
+  const PairLayout L = make_layout({a, b}, check_pair(a, b, channel_dim, op), op);
+  return distance_sums(a, b, L, m, relative, 1.0);
 }
 
 // The indices of the k largest (largest=false: smallest) of v[C], sorted, into idx[k], as
@@ -329,9 +451,11 @@ std::tuple<at::Tensor, at::Tensor> neuron_topk_cpu(const at::Tensor& a, const at
                                                    c10::string_view metric, int64_t channel_dim, bool relative,
                                                    bool largest) {
   const char* op = "neurosens.neuron_topk";
-  const at::Tensor dist = distances_cpu(a, b, std::string(metric), channel_dim, relative, op);
-  check_k(k, dist.size(1), a, op);
-  return topk_cpu(batch_sums(dist, static_cast<double>(dist.size(0))), k, largest);
+  const Metric m = parse_distance_metric(std::string(metric), relative, op);
+  const int64_t cdim = check_pair(a, b, channel_dim, op);
+  const PairLayout L = make_layout({a, b}, cdim, op);
+  check_k(k, L.C, a, op);
+  return topk_cpu(distance_sums(a, b, L, m, relative, static_cast<double>(L.N)), k, largest);
 }
 
 // stabilize in one pass: the statistics the backward needs are written, and each (sample,
@@ -473,8 +597,7 @@ NEUROSENS_CLONES void grad_task(const scalar_t* pa, const scalar_t* pb, const ac
     // (its first kFetchBytes) kAhead maps before its turn, or its reads wait on memory.
     constexpr int64_t kAhead = 4, kLine = 64, kFetchBytes = 256;
     const int64_t fetch = std::min<int64_t>(kFetchBytes, L.D * static_cast<int64_t>(sizeof(scalar_t)));
-    for (int64_t n = begin / L.C; n * L.C < end; ++n) {
-      const int64_t c0 = std::max<int64_t>(begin - n * L.C, 0), c1 = std::min<int64_t>(end - n * L.C, L.C);
+    for_each_sample_run(L, begin, end, [&](int64_t n, int64_t c0, int64_t c1) NEUROSENS_INLINE {
       const scalar_t* a = pa + n * L.sn[0];
       const scalar_t* b = pb + n * L.sn[1];
       scalar_t* ga = pga + n * L.sn[2];
@@ -504,7 +627,7 @@ NEUROSENS_CLONES void grad_task(const scalar_t* pa, const scalar_t* pb, const ac
         grad_coefficients<acc_t>(metric, pst + (n * L.C + c) * kNumStats, pw[c], D, k);
         grad_of_run<true>(a + c * L.sc[0], b + c * L.sc[1], L.D, stride, k, ga + c * L.sc[2], gb + c * L.sc[3]);
       }
-    }
+    });
     return;
   }
   for_each_map(L, begin, end, [&](int64_t r, int64_t n, int64_t c) NEUROSENS_INLINE {
