@@ -153,6 +153,12 @@ def _ddp_worker(rank, world, out):
         trainer = Trainer(fresh_model(seed=rank), train, test, config(method="trades", epochs=2, eval_limit=100), out_dir=out)
         history = trainer.fit()
         torch.save({"model": trainer.model.state_dict(), "history": history}, f"{out}/rank{rank}.pt")
+        # Rank 0 writes the checkpoint after the last collective: both ranks let go of the trainer
+        # (its DDP reducer holds the group) and meet before the group is torn down. A rank that
+        # tore it down early once aborted its peer in gloo ("terminate called without an active
+        # exception").
+        del trainer
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
