@@ -50,10 +50,11 @@ def test_adversarial_training_buys_robustness():
         Trainer(model, train, test, cfg).fit()
         # The trainer moves the model to the GPU when there is one.
         device = next(model.parameters()).device
+        x, y = xt.to(device), yt.to(device)
         torch.manual_seed(0)
-        x_adv = PGD(model, 0.15, steps=20)(xt.to(device), yt.to(device))
+        x_adv = PGD(model, 0.15, steps=20)(x, y)
         with torch.no_grad():
-            robust[method] = (model(x_adv).argmax(1) == yt.to(device)).float().mean().item()
+            robust[method] = (model(x_adv).argmax(1) == y).float().mean().item()
     assert robust["pgd_at"] > robust["standard"] + 0.2, robust
     assert robust["trades"] > robust["standard"] + 0.2, robust
 
@@ -154,9 +155,8 @@ def _ddp_worker(rank, world, out):
         history = trainer.fit()
         torch.save({"model": trainer.model.state_dict(), "history": history}, f"{out}/rank{rank}.pt")
         # Rank 0 writes the checkpoint after the last collective: both ranks let go of the trainer
-        # (its DDP reducer holds the group) and meet before the group is torn down. A rank that
-        # tore it down early once aborted its peer in gloo ("terminate called without an active
-        # exception").
+        # (its DDP reducer holds the group) and meet, so neither tears the group down while the
+        # other still uses it.
         del trainer
         dist.barrier()
     finally:

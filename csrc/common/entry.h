@@ -49,6 +49,18 @@ inline void check_indices(const at::Tensor& idx, int64_t k, int64_t C, const at:
   check_k(k, C, a, op);
 }
 
+// The arguments of a distance op, checked before any pass over the activations.
+struct DistanceCall {
+  PairLayout L;
+  Metric metric;
+};
+
+inline DistanceCall begin_distance(const at::Tensor& a, const at::Tensor& b, c10::string_view metric,
+                                   int64_t channel_dim, bool relative, const char* op) {
+  const Metric m = parse_distance_metric(std::string(metric), relative, op);
+  return {make_layout({a, b}, check_pair(a, b, channel_dim, op), op), m};
+}
+
 // The arguments of stabilize, checked before any pass over the activations: the two metrics, the
 // pair, and k or the given indices (their range is each backend's to check).
 struct StabilizeArgs {

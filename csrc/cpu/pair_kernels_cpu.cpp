@@ -403,18 +403,14 @@ at::Tensor distance_sums(const at::Tensor& a, const at::Tensor& b, const PairLay
 
 at::Tensor neuron_distance_per_sample_cpu(const at::Tensor& a, const at::Tensor& b, c10::string_view metric,
                                           int64_t channel_dim, bool relative) {
-  const char* op = "neurosens.neuron_distance_per_sample";
-  const Metric m = parse_distance_metric(std::string(metric), relative, op);
-  const PairLayout L = make_layout({a, b}, check_pair(a, b, channel_dim, op), op);
-  return distances_cpu(a, b, L, m, relative);
+  const DistanceCall call = begin_distance(a, b, metric, channel_dim, relative, "neurosens.neuron_distance_per_sample");
+  return distances_cpu(a, b, call.L, call.metric, relative);
 }
 
 at::Tensor neuron_distance_cpu(const at::Tensor& a, const at::Tensor& b, c10::string_view metric, int64_t channel_dim,
                                bool relative) {
-  const char* op = "neurosens.neuron_distance";
-  const Metric m = parse_distance_metric(std::string(metric), relative, op);
-  const PairLayout L = make_layout({a, b}, check_pair(a, b, channel_dim, op), op);
-  return distance_sums(a, b, L, m, relative, 1.0);
+  const DistanceCall call = begin_distance(a, b, metric, channel_dim, relative, "neurosens.neuron_distance");
+  return distance_sums(a, b, call.L, call.metric, relative, 1.0);
 }
 
 // The indices of the k largest (largest=false: smallest) of v[C], sorted, into idx[k], as
@@ -451,11 +447,9 @@ std::tuple<at::Tensor, at::Tensor> neuron_topk_cpu(const at::Tensor& a, const at
                                                    c10::string_view metric, int64_t channel_dim, bool relative,
                                                    bool largest) {
   const char* op = "neurosens.neuron_topk";
-  const Metric m = parse_distance_metric(std::string(metric), relative, op);
-  const int64_t cdim = check_pair(a, b, channel_dim, op);
-  const PairLayout L = make_layout({a, b}, cdim, op);
-  check_k(k, L.C, a, op);
-  return topk_cpu(distance_sums(a, b, L, m, relative, static_cast<double>(L.N)), k, largest);
+  const DistanceCall call = begin_distance(a, b, metric, channel_dim, relative, op);
+  check_k(k, call.L.C, a, op);
+  return topk_cpu(distance_sums(a, b, call.L, call.metric, relative, static_cast<double>(call.L.N)), k, largest);
 }
 
 // stabilize in one pass: the statistics the backward needs are written, and each (sample,
