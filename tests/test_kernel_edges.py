@@ -274,6 +274,34 @@ def test_edge_values_in_short_maps(device, metric, D):
         torch.testing.assert_close(got, want.double().sum(0).float(), equal_nan=True)
 
 
+# The statistics each metric is computed from (bits of _pair_stats's mask): |a - b|, (a - b)^2,
+# and for the cosine a.b, a.a, b.b, |a| and |a - b|.
+METRIC_STATS = {"l1": 0b000001, "l2": 0b000010, "cosine": 0b111101}
+
+
+@requires_ext
+@pytest.mark.parametrize("metric", METRICS)
+@pytest.mark.parametrize("shape", [(5, 11, 16), (3, 19, 3, 3), (2, 8, 7), (4, 13, 8, 8)])
+def test_stabilize_saves_the_statistics_of_pair_stats_on_short_maps(metric, shape):
+    # Short float maps go eight neurons at a time, their statistics rows written a group at once:
+    # full groups and last short ones must give the rows _pair_stats gives, bit for bit, and the
+    # loss the mean distance over the selection, whether it is given or picked by the same metric.
+    gen = torch.Generator().manual_seed(shape[1])
+    a = torch.randn(shape, generator=gen)
+    b = a + 0.3 * torch.randn(shape, generator=gen)
+    a[0, 1], b[0, 1] = 0.0, 0.0  # both maps zero: the cosine's special case
+    C = shape[1]
+    want_stats = torch.ops.neurosens._pair_stats(a, b, 1, METRIC_STATS[metric])
+    per_sample = reference.neuron_distance_per_sample(a.double(), b.double(), metric, 1, False)
+    given = torch.tensor([C - 1, 0, 3, 3])
+    picked = per_sample.mean(0).topk(5).indices
+    for indices, k in ((given, 4), (None, 5)):
+        loss, selected, stats = torch.ops.neurosens.stabilize(a, b, indices, k, metric, metric, 1)
+        assert torch.equal(stats, want_stats)
+        assert sorted(selected.tolist()) == sorted((given if indices is not None else picked).tolist())
+        torch.testing.assert_close(loss.double(), per_sample[:, selected].mean(), rtol=1e-5, atol=1e-7)
+
+
 @requires_ext
 @pytest.mark.parametrize("layout,shape,cdim", SPLIT_SHAPES, ids=[f"{c[0]} {list(c[1])}" for c in SPLIT_SHAPES])
 def test_batch_sums_are_the_same_bits_whatever_the_thread_count(layout, shape, cdim, threads):

@@ -16,7 +16,7 @@
 namespace neurosens {
 
 // The statistics a metric is computed from.
-inline int stats_for(Metric metric, bool relative = false) {
+constexpr int stats_for(Metric metric, bool relative = false) {
   int bits = relative ? stat_bit(kAbsA) : 0;
   switch (metric) {
     case Metric::L1: return bits | stat_bit(kAbsDiff);

@@ -8,6 +8,7 @@
 #include <c10/macros/Macros.h>
 
 #include <cmath>
+#include <type_traits>
 
 namespace neurosens {
 
@@ -49,17 +50,30 @@ C10_HOST_DEVICE inline bool both_maps_zero(const acc_t* st) {
   return st[kAbsA] == acc_t(0) && st[kAbsDiff] == acc_t(0);
 }
 
+// |v|. For a SIMD vector of floats (the CPU's short-map path) the sign bits are cleared: one
+// instruction where compare, negate and select take three. The two differ only for -0 and the
+// sign of a NaN, neither of which a sum starting at +0 can show.
+template <typename acc_t>
+C10_HOST_DEVICE inline acc_t magnitude(acc_t v) {
+  if constexpr (std::is_arithmetic_v<acc_t>) {
+    return v < acc_t(0) ? -v : v;
+  } else {
+    using bits_t = decltype(v < v);  // the integer vector of the same lanes
+    return reinterpret_cast<acc_t>(reinterpret_cast<bits_t>(v) & 0x7fffffff);
+  }
+}
+
 // acc_t may also be a SIMD vector type (the CPU's short-map path): acc_t{} is zero in every lane.
 template <int kMask, typename acc_t>
 C10_HOST_DEVICE inline void accumulate_pair(acc_t x, acc_t y, acc_t& abs_diff, acc_t& sq_diff, acc_t& dot,
                                             acc_t& sq_a, acc_t& sq_b, acc_t& abs_a) {
   const acc_t d = x - y;
-  if constexpr (has_stat(kMask, kAbsDiff)) abs_diff += d < acc_t{} ? -d : d;
+  if constexpr (has_stat(kMask, kAbsDiff)) abs_diff += magnitude(d);
   if constexpr (has_stat(kMask, kSqDiff)) sq_diff += d * d;
   if constexpr (has_stat(kMask, kDot)) dot += x * y;
   if constexpr (has_stat(kMask, kSqA)) sq_a += x * x;
   if constexpr (has_stat(kMask, kSqB)) sq_b += y * y;
-  if constexpr (has_stat(kMask, kAbsA)) abs_a += x < acc_t{} ? -x : x;
+  if constexpr (has_stat(kMask, kAbsA)) abs_a += magnitude(x);
 }
 
 // Terms added into one acc_t partial sum before it is moved into a double total. A float32 sum of

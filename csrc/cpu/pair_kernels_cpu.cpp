@@ -194,6 +194,119 @@ NEUROSENS_INLINE inline void stats_of_8_maps(const float* const* a, const float*
     if (has_stat(kMask, st)) out[st] = lane_sums(lanes[st]);
 }
 
+// A sink of distances: out(n, c, d) gets each map's distance by kMetric (kRelative: divided by
+// the benign map's mean |a|), taken from the statistics kMask.
+template <typename acc_t, Metric kMetric, bool kRelative, typename Out>
+struct DistanceSink {
+  static constexpr int kMask = stats_for(kMetric, kRelative);
+  acc_t D;
+  Out out;
+  NEUROSENS_INLINE void operator()(int64_t n, int64_t c, const acc_t* st) const {
+    out(n, c, distance_from_stats<acc_t>(kMetric, st, D, kRelative));
+  }
+};
+
+// f(sink) with the DistanceSink of metric m (relative) for maps of D elements and out.
+template <typename acc_t, typename Out, typename F>
+void with_distance_sink(Metric m, bool relative, acc_t D, const Out& out, F&& f) {
+  if (relative) {
+    if (m == Metric::L1) return f(DistanceSink<acc_t, Metric::L1, true, Out>{D, out});
+    if (m == Metric::L2) return f(DistanceSink<acc_t, Metric::L2, true, Out>{D, out});
+    TORCH_CHECK(false, "neurosens: relative distances are defined for l1 and l2 only");
+  }
+  switch (m) {
+    case Metric::L1: return f(DistanceSink<acc_t, Metric::L1, false, Out>{D, out});
+    case Metric::L2: return f(DistanceSink<acc_t, Metric::L2, false, Out>{D, out});
+    case Metric::Cosine: return f(DistanceSink<acc_t, Metric::Cosine, false, Out>{D, out});
+  }
+}
+
+// Eight maps' statistics to the sink, map by map: lane g of out[s] is statistic s of map c + g,
+// for the first `count` lanes.
+template <int kMask, typename Sink>
+NEUROSENS_INLINE inline void deliver_each(const Sink& sink, int64_t n, int64_t c, int count, const Float8* out) {
+  for (int g = 0; g < count; ++g) {
+    float st[kNumStats];
+    for (int s = 0; s < kNumStats; ++s) st[s] = has_stat(kMask, s) ? out[s][g] : 0.0f;
+    sink(n, c + g, st);
+  }
+}
+
+template <int kMask, typename Sink>
+NEUROSENS_INLINE inline void deliver_8(const Sink& sink, int64_t n, int64_t c, int count, const Float8* out) {
+  deliver_each<kMask>(sink, n, c, count, out);
+}
+
+// A distance sink takes the l1 and l2 distances of eight maps from one vector division (and
+// square root), not eight: lane for lane the same IEEE operations as distance_from_stats.
+template <int kMask, Metric kMetric, bool kRelative, typename Out>
+NEUROSENS_INLINE inline void deliver_8(const DistanceSink<float, kMetric, kRelative, Out>& sink, int64_t n, int64_t c,
+                                       int count, const Float8* out) {
+  if constexpr (kMetric == Metric::Cosine || kRelative) {
+    deliver_each<kMask>(sink, n, c, count, out);
+  } else {
+    Float8 dist = out[kMetric == Metric::L1 ? kAbsDiff : kSqDiff];
+    if constexpr (kMetric == Metric::L2)
+      for (int g = 0; g < 8; ++g) dist[g] = std::sqrt(dist[g]);
+    dist = dist / sink.D;
+    for (int g = 0; g < count; ++g) sink.out(n, c + g, dist[g]);
+  }
+}
+
+// stabilize's sink when one metric both selects and measures (or the neurons are given): each
+// map's statistics in kMask go to stats[N, C, kNumStats] (the others zero) and its distance to
+// dist[N, C].
+template <typename acc_t, Metric kMetric>
+struct LossSink {
+  static constexpr int kMask = stats_for(kMetric);
+  acc_t D;
+  int64_t C;
+  acc_t* stats;
+  acc_t* dist;
+  NEUROSENS_INLINE void operator()(int64_t n, int64_t c, const acc_t* st) const {
+    acc_t* out = stats + (n * C + c) * kNumStats;
+    for (int s = 0; s < kNumStats; ++s) out[s] = has_stat(kMask, s) ? st[s] : acc_t(0);
+    dist[n * C + c] = distance_from_stats<acc_t>(kMetric, st, D, false);
+  }
+};
+
+// The statistics rows of the first `count` of eight maps (lane g of out[s]: statistic s of map
+// g), back to back: the kept statistics, zeros elsewhere.
+template <int kMask, int kCount = 0>
+NEUROSENS_INLINE inline void store_rows(float* rows, const Float8* out, int count = kCount) {
+  std::fill_n(rows, count * kNumStats, 0.0f);
+  for (int s = 0; s < kNumStats; ++s)
+    if (has_stat(kMask, s))
+      for (int g = 0; g < count; ++g) rows[g * kNumStats + s] = out[s][g];
+}
+
+// Eight maps at a time: their statistics rows lie back to back, so they are zeroed in whole
+// vectors and only the kept statistics are stored one by one; the l1 and l2 distances come from
+// one vector division, as in the DistanceSink.
+template <int kMask, Metric kMetric>
+NEUROSENS_INLINE inline void deliver_8(const LossSink<float, kMetric>& sink, int64_t n, int64_t c, int count,
+                                       const Float8* out) {
+  if constexpr (kMetric == Metric::Cosine) {
+    deliver_each<kMask>(sink, n, c, count, out);
+  } else {
+    float* rows = sink.stats + (n * sink.C + c) * kNumStats;
+    std::fill_n(rows, count * kNumStats, 0.0f);
+    for (int s = 0; s < kNumStats; ++s)
+      if (has_stat(kMask, s))
+        for (int g = 0; g < count; ++g) rows[g * kNumStats + s] = out[s][g];
+    Float8 dist = out[kMetric == Metric::L1 ? kAbsDiff : kSqDiff];
+    if constexpr (kMetric == Metric::L2)
+      for (int g = 0; g < 8; ++g) dist[g] = std::sqrt(dist[g]);
+    dist = dist / sink.D;
+    float* d = sink.dist + n * sink.C + c;
+    if (count == 8) {
+      std::memcpy(d, &dist, sizeof dist);  // one vector store
+    } else {
+      for (int g = 0; g < count; ++g) d[g] = dist[g];
+    }
+  }
+}
+
 // sink(n, c, st) for the maps [begin, end) of a flat float layout with maps of D <= kShortMap,
 // eight neurons of a sample at a time; a last group of fewer repeats its first map in the empty
 // slots.
@@ -214,11 +327,7 @@ NEUROSENS_INLINE inline void short_maps_task(const float* pa, const float* pb, c
       }
       Float8 out[kNumStats];
       stats_of_8_maps<kMask>(ga, gb, L.D, out);
-      for (int g = 0; g < count; ++g) {
-        float st[kNumStats];
-        for (int s = 0; s < kNumStats; ++s) st[s] = has_stat(kMask, s) ? out[s][g] : 0.0f;
-        sink(n, c + g, st);
-      }
+      deliver_8<kMask>(sink, n, c, count, out);
     }
   });
 }
@@ -306,18 +415,20 @@ NEUROSENS_CLONES void stats_task(const scalar_t* pa, const scalar_t* pb, const P
   });
 }
 
-// For each (sample, neuron) of a and b, sink(n, c, st) with the statistics in `stats` (the others
+// For each (sample, neuron) of a and b, sink(n, c, st) with the statistics in kMask (the others
 // zero), st holding kNumStats acc_t; the sink is called from several threads, once per (n, c).
-template <typename scalar_t, typename Sink>
-void for_each_stats(const at::Tensor& a, const at::Tensor& b, const PairLayout& L, int stats, const Sink& sink) {
+template <int kMask, typename scalar_t, typename Sink>
+void for_each_stats(const at::Tensor& a, const at::Tensor& b, const PairLayout& L, const Sink& sink) {
   using acc_t = at::opmath_type<scalar_t>;
   const scalar_t* pa = a.const_data_ptr<scalar_t>();
   const scalar_t* pb = b.const_data_ptr<scalar_t>();
-  dispatch_stats_mask(stats, [&](auto mask) {
-    parallel_tasks(L, [&](int64_t begin, int64_t end) {
-      stats_task<decltype(mask)::value, scalar_t, acc_t>(pa, pb, L, sink, begin, end);
-    });
-  });
+  parallel_tasks(L, [&](int64_t begin, int64_t end) { stats_task<kMask, scalar_t, acc_t>(pa, pb, L, sink, begin, end); });
+}
+
+// The same with the statistics in the bit set `stats`.
+template <typename scalar_t, typename Sink>
+void for_each_stats(const at::Tensor& a, const at::Tensor& b, const PairLayout& L, int stats, const Sink& sink) {
+  dispatch_stats_mask(stats, [&](auto mask) { for_each_stats<decltype(mask)::value, scalar_t>(a, b, L, sink); });
 }
 
 at::Tensor pair_stats_cpu(const at::Tensor& a, const at::Tensor& b, int64_t channel_dim, int64_t stats) {
@@ -343,9 +454,9 @@ at::Tensor distances_cpu(const at::Tensor& a, const at::Tensor& b, const PairLay
     using acc_t = at::opmath_type<scalar_t>;
     acc_t* po = out.mutable_data_ptr<acc_t>();
     const int64_t C = L.C;
-    const acc_t D = static_cast<acc_t>(L.D);
-    for_each_stats<scalar_t>(a, b, L, stats_for(m, relative), [=](int64_t n, int64_t c, const acc_t* st) NEUROSENS_INLINE {
-      po[n * C + c] = distance_from_stats<acc_t>(m, st, D, relative);
+    auto store = [=](int64_t n, int64_t c, acc_t d) NEUROSENS_INLINE { po[n * C + c] = d; };
+    with_distance_sink(m, relative, static_cast<acc_t>(L.D), store, [&](const auto& sink) {
+      for_each_stats<std::decay_t<decltype(sink)>::kMask, scalar_t>(a, b, L, sink);
     });
   });
   return out;
@@ -385,14 +496,12 @@ at::Tensor distance_sums(const at::Tensor& a, const at::Tensor& b, const PairLay
     double* pt = total.data();
     const scalar_t* pa = a.const_data_ptr<scalar_t>();
     const scalar_t* pb = b.const_data_ptr<scalar_t>();
-    const acc_t D = static_cast<acc_t>(L.D);
-    dispatch_stats_mask(stats_for(m, relative), [&](auto mask) {
-      auto sink = [=](int64_t, int64_t c, const acc_t* st) NEUROSENS_INLINE {
-        pt[c] += distance_from_stats<acc_t>(m, st, D, relative);
-      };
+    auto add = [=](int64_t, int64_t c, acc_t d) NEUROSENS_INLINE { pt[c] += d; };
+    with_distance_sink(m, relative, static_cast<acc_t>(L.D), add, [&](const auto& sink) {
+      constexpr int kMask = std::decay_t<decltype(sink)>::kMask;
       at::parallel_for(0, L.C, std::max<int64_t>(1, kGrainElements / (L.N * L.D)), [&](int64_t c0, int64_t c1) {
         for (int64_t n = 0; n < L.N; ++n)
-          stats_task<decltype(mask)::value, scalar_t, acc_t>(pa, pb, L, sink, n * L.C + c0, n * L.C + c1);
+          stats_task<kMask, scalar_t, acc_t>(pa, pb, L, sink, n * L.C + c0, n * L.C + c1);
       });
     });
     acc_t* po = out.mutable_data_ptr<acc_t>();
@@ -487,12 +596,22 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> stabilize_cpu(const at::Tensor& a
     acc_t* pl = loss_dist.get();
     acc_t* psel = separate ? select_dist.get() : pl;
     acc_t* pst = stats.mutable_data_ptr<acc_t>();
-    for_each_stats<scalar_t>(a, b, L, keep, [=](int64_t n, int64_t c, const acc_t* st) NEUROSENS_INLINE {
-      acc_t* out = pst + (n * C + c) * kNumStats;
-      for (int s = 0; s < kNumStats; ++s) out[s] = has_stat(keep, s) ? st[s] : acc_t(0);
-      pl[n * C + c] = distance_from_stats<acc_t>(m, st, D, false);
-      if (separate) psel[n * C + c] = distance_from_stats<acc_t>(sm, st, D, false);
-    });
+    if (separate) {
+      for_each_stats<scalar_t>(a, b, L, keep, [=](int64_t n, int64_t c, const acc_t* st) NEUROSENS_INLINE {
+        acc_t* out = pst + (n * C + c) * kNumStats;
+        for (int s = 0; s < kNumStats; ++s) out[s] = has_stat(keep, s) ? st[s] : acc_t(0);
+        pl[n * C + c] = distance_from_stats<acc_t>(m, st, D, false);
+        psel[n * C + c] = distance_from_stats<acc_t>(sm, st, D, false);
+      });
+    } else {
+      // The common case, with the metric known to the compiler.
+      auto run = [&](auto sink) { for_each_stats<decltype(sink)::kMask, scalar_t>(a, b, L, sink); };
+      switch (m) {
+        case Metric::L1: run(LossSink<acc_t, Metric::L1>{D, C, pst, pl}); break;
+        case Metric::L2: run(LossSink<acc_t, Metric::L2>{D, C, pst, pl}); break;
+        case Metric::Cosine: run(LossSink<acc_t, Metric::Cosine>{D, C, pst, pl}); break;
+      }
+    }
     int64_t* ps = selected.mutable_data_ptr<int64_t>();
     if (!given) {
       std::vector<acc_t> means(C);
