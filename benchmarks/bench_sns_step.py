@@ -10,6 +10,10 @@ machine noise hits all of them alike:
   * sns: the package defaults (benign and adversarial forwards captured, top-k per layer, fused
     stabilize term and its gradient);
   * sns_detached: the same with the benign side detached (its forward runs without a graph).
+The regularizer's share of a step is (sns - two_graphs) / sns: everything SNS adds to the passes,
+but a difference of two noisy times. On the fused backend, one more SNS step runs under
+torch.profiler, and the host time inside the neurosens ops (outermost calls: forward, backward,
+selection) over that step's time is reported as "ops share": small, but measured directly.
 Each backend (the fused extension, then the pure-PyTorch fallback in a subprocess with
 NEUROSENS_NO_EXT=1) is one run. Writes JSON and a markdown table, with the git commit, machine,
 torch version and command, to benchmarks/results/.
@@ -56,7 +60,28 @@ def variants(model, attack_steps, eps):
     }
 
 
-def time_steps(name, batch, args, device):
+def ops_share(step):
+    """Host time inside the outermost neurosens ops over the time of one profiled call of step."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        start = time.perf_counter()
+        step()
+        total = time.perf_counter() - start
+
+    def nested(event):
+        parent = event.cpu_parent
+        while parent is not None:
+            if parent.name.startswith("neurosens::"):
+                return True
+            parent = parent.cpu_parent
+        return False
+
+    inside = sum(e.cpu_time_total for e in prof.events() if e.name.startswith("neurosens::") and not nested(e))
+    return inside * 1e-6 / total
+
+
+def time_steps(name, batch, args, device, fused):
     from neurosens.models import build_model
 
     torch.manual_seed(0)
@@ -90,13 +115,21 @@ def time_steps(name, batch, args, device):
             sync()
             times[v].append(time.perf_counter() - start)
     medians = {v: statistics.median(t) for v, t in times.items()}
-    return {"model": name, "batch": batch, "ms": {v: 1e3 * t for v, t in medians.items()},
+    share = ops_share(lambda: step(losses["sns"])) if fused and device.type == "cpu" else None
+    return {"ops_share": share,
+            "model": name, "batch": batch, "ms": {v: 1e3 * t for v, t in medians.items()},
             "sns_over_pgd_at": medians["sns"] / medians["pgd_at"],
             "two_graphs_over_pgd_at": medians["two_graphs"] / medians["pgd_at"],
             "sns_detached_over_pgd_at": medians["sns_detached"] / medians["pgd_at"],
             "sns_over_trades": medians["sns"] / medians["trades"],
             # what the regularizer (capture, selection, stabilize forward + backward) adds to the passes
             "regularizer_share": (medians["sns"] - medians["two_graphs"]) / medians["sns"]}
+
+
+def fraction(share):
+    """A share as a percentage; a dash where none was measured (the reference ops are not neurosens
+    ops, and on a GPU host time is not the ops' cost)."""
+    return "-" if share is None else f"{100 * share:.2f}%"
 
 
 def run_backend(args):
@@ -110,8 +143,9 @@ def run_backend(args):
 
         keep_freed_memory()
     device = torch.device(args.device)
-    rows = [time_steps(name, args.cnn_batch if "cnn" in name else args.resnet_batch, args, device) for name in MODELS]
-    print(json.dumps({"backend": "fused" if info()["extension"] == "built" else "reference", "rows": rows}))
+    fused = info()["extension"] == "built"
+    rows = [time_steps(name, args.cnn_batch if "cnn" in name else args.resnet_batch, args, device, fused) for name in MODELS]
+    print(json.dumps({"backend": "fused" if fused else "reference", "rows": rows}))
 
 
 def main():
@@ -146,6 +180,7 @@ def main():
             print(f"{result['backend']:9s} {r['model']:18s} batch {r['batch']:4d}  "
                   + "  ".join(f"{v} {t:8.1f} ms" for v, t in r["ms"].items())
                   + f"  sns/trades {r['sns_over_trades']:.3f}  regularizer share {r['regularizer_share']:.3f}"
+                  + f"  ops share {fraction(r['ops_share'])}"
                   + f"  sns/pgd_at {r['sns_over_pgd_at']:.3f}  two_graphs/pgd_at {r['two_graphs_over_pgd_at']:.3f}  detached/pgd_at {r['sns_detached_over_pgd_at']:.3f}", flush=True)
 
     env = environment(args.device) | {"threads": args.threads or torch.get_num_threads(), "pgd_steps": args.pgd_steps,
@@ -157,15 +192,15 @@ def main():
     lines = [header(env), "", f"PGD-{args.pgd_steps}" + (", bf16 autocast" if args.amp else "")
              + (", freed memory kept" if args.keep_freed_memory else "") + f"; median of {args.rounds} interleaved rounds", "",
              "| backend | model | batch | PGD-AT ms | TRADES ms | two graphs ms | SNS ms | SNS detached ms | two graphs / PGD-AT "
-             "| SNS / PGD-AT | detached / PGD-AT | SNS / TRADES | regularizer share of SNS |",
-             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "| SNS / PGD-AT | detached / PGD-AT | SNS / TRADES | regularizer share of SNS | ops share (profiled) |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for result in results:
         for r in result["rows"]:
             ms = r["ms"]
             lines.append(f"| {result['backend']} | {r['model']} | {r['batch']} | {ms['pgd_at']:.1f} | {ms['trades']:.1f} "
                          f"| {ms['two_graphs']:.1f} | {ms['sns']:.1f} | {ms['sns_detached']:.1f} | {r['two_graphs_over_pgd_at']:.3f} "
                          f"| {r['sns_over_pgd_at']:.3f} | {r['sns_detached_over_pgd_at']:.3f} | {r['sns_over_trades']:.3f} "
-                         f"| {r['regularizer_share']:.3f} |")
+                         f"| {r['regularizer_share']:.3f} | {fraction(r['ops_share'])} |")
     with open(stem + ".md", "w") as f:
         f.write("\n".join(lines) + "\n")
     print("\n".join(lines))
