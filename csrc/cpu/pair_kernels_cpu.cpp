@@ -11,6 +11,7 @@
 #include <memory>
 #include <string>
 #include <type_traits>
+#include <utility>
 #include <vector>
 
 #include "common/entry.h"
@@ -270,39 +271,51 @@ struct LossSink {
   }
 };
 
-// The statistics rows of the first `count` of eight maps (lane g of out[s]: statistic s of map
-// g), back to back: the kept statistics, zeros elsewhere.
-template <int kMask, int kCount = 0>
-NEUROSENS_INLINE inline void store_rows(float* rows, const Float8* out, int count = kCount) {
-  std::fill_n(rows, count * kNumStats, 0.0f);
-  for (int s = 0; s < kNumStats; ++s)
-    if (has_stat(kMask, s))
-      for (int g = 0; g < count; ++g) rows[g * kNumStats + s] = out[s][g];
+// Eight statistics rows back to back hold 48 floats, six vectors. Position p of vector j holds
+// statistic kStat of map (8j + p) / kNumStats where (8j + p) % kNumStats == kStat: that lane of
+// the statistic's vector; every other position is zero (lane 8, of the zero operand).
+template <int kStat, int J, int P>
+constexpr int row_lane() {
+  return (8 * J + P) % kNumStats == kStat ? (8 * J + P) / kNumStats : 8;
 }
 
-// Eight maps at a time: their statistics rows lie back to back, so they are zeroed in whole
-// vectors and only the kept statistics are stored one by one; the l1 and l2 distances come from
-// one vector division, as in the DistanceSink.
+template <int kStat, int J, int... P>
+NEUROSENS_INLINE inline void store_row_vector(float* rows, Float8 v, std::integer_sequence<int, P...>) {
+  const Float8 r = __builtin_shufflevector(v, Float8{}, row_lane<kStat, J, P>()...);
+  std::memcpy(rows + 8 * J, &r, sizeof r);
+}
+
+// The statistics rows of eight maps that keep one statistic (l1, l2), lane g of v that of map g:
+// six shuffles and six whole-vector stores.
+template <int kStat, int... J>
+NEUROSENS_INLINE inline void store_8_rows(float* rows, Float8 v, std::integer_sequence<int, J...>) {
+  (store_row_vector<kStat, J>(rows, v, std::make_integer_sequence<int, 8>{}), ...);
+}
+
+// Eight maps at a time (l1 and l2, which keep one statistic): a full group's statistics rows are
+// six whole vectors, and its distances come from one vector division, as in the DistanceSink.
 template <int kMask, Metric kMetric>
 NEUROSENS_INLINE inline void deliver_8(const LossSink<float, kMetric>& sink, int64_t n, int64_t c, int count,
                                        const Float8* out) {
   if constexpr (kMetric == Metric::Cosine) {
     deliver_each<kMask>(sink, n, c, count, out);
   } else {
-    float* rows = sink.stats + (n * sink.C + c) * kNumStats;
-    std::fill_n(rows, count * kNumStats, 0.0f);
-    for (int s = 0; s < kNumStats; ++s)
-      if (has_stat(kMask, s))
-        for (int g = 0; g < count; ++g) rows[g * kNumStats + s] = out[s][g];
-    Float8 dist = out[kMetric == Metric::L1 ? kAbsDiff : kSqDiff];
+    constexpr int kStat = kMetric == Metric::L1 ? kAbsDiff : kSqDiff;
+    static_assert(kMask == stat_bit(static_cast<Stat>(kStat)), "one kept statistic");
+    Float8 dist = out[kStat];
     if constexpr (kMetric == Metric::L2)
       for (int g = 0; g < 8; ++g) dist[g] = std::sqrt(dist[g]);
     dist = dist / sink.D;
+    float* rows = sink.stats + (n * sink.C + c) * kNumStats;
     float* d = sink.dist + n * sink.C + c;
     if (count == 8) {
-      std::memcpy(d, &dist, sizeof dist);  // one vector store
+      store_8_rows<kStat>(rows, out[kStat], std::make_integer_sequence<int, kNumStats>{});
+      std::memcpy(d, &dist, sizeof dist);
     } else {
-      for (int g = 0; g < count; ++g) d[g] = dist[g];
+      for (int g = 0; g < count; ++g) {
+        for (int st = 0; st < kNumStats; ++st) rows[g * kNumStats + st] = st == kStat ? out[kStat][g] : 0.0f;
+        d[g] = dist[g];
+      }
     }
   }
 }
