@@ -213,7 +213,7 @@ void with_distance_sink(Metric m, bool relative, acc_t D, const Out& out, F&& f)
   if (relative) {
     if (m == Metric::L1) return f(DistanceSink<acc_t, Metric::L1, true, Out>{D, out});
     if (m == Metric::L2) return f(DistanceSink<acc_t, Metric::L2, true, Out>{D, out});
-    TORCH_CHECK(false, "neurosens: relative distances are defined for l1 and l2 only");
+    TORCH_INTERNAL_ASSERT(false, "relative cosine distances are rejected by parse_distance_metric");
   }
   switch (m) {
     case Metric::L1: return f(DistanceSink<acc_t, Metric::L1, false, Out>{D, out});
