@@ -303,6 +303,23 @@ def test_stabilize_saves_the_statistics_of_pair_stats_on_short_maps(metric, shap
 
 
 @requires_ext
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("shape", [(4, 6), (4, 6, 1, 1), (4, 6, 3, 3), (4, 6, 40)])
+def test_l2_gradient_where_the_two_maps_differ_by_a_hair(device, shape):
+    # b = a plus steps of 1e-5 of a's size: the l2 gradient is w (a - b) / (D ||a - b||), and
+    # forming it as w a / (...) - w b / (...) in float32 loses three digits to cancellation.
+    gen = torch.Generator().manual_seed(len(shape))
+    a = 1.0 + torch.rand(shape, generator=gen)
+    b = a + torch.randint(-8, 9, shape, generator=gen) * 2.0**-16  # exact in float32
+    x, y = a.to(device, copy=True).requires_grad_(), b.to(device, copy=True).requires_grad_()
+    ops.stabilize(x, y, indices=torch.arange(6, device=device), metric="l2").backward()
+    rx, ry = a.double().requires_grad_(), b.double().requires_grad_()
+    reference.stabilize(rx, ry, indices=torch.arange(6), metric="l2")[0].backward()
+    for got, want in ((x.grad, rx.grad), (y.grad, ry.grad)):
+        torch.testing.assert_close(got.cpu().double(), want, rtol=1e-6, atol=1e-6 * want.abs().max().item())
+
+
+@requires_ext
 @pytest.mark.parametrize("layout,shape,cdim", SPLIT_SHAPES, ids=[f"{c[0]} {list(c[1])}" for c in SPLIT_SHAPES])
 def test_batch_sums_are_the_same_bits_whatever_the_thread_count(layout, shape, cdim, threads):
     a, b = _make_split_pair(layout, shape, "cpu")

@@ -647,9 +647,21 @@ NEUROSENS_INLINE inline bool no_gradient(const acc_t* k) {
   return zero;
 }
 
+// The gradients of one pair of elements, the mix chosen by the metric (kOpposite:
+// opposite_coefficients) for the whole loop.
+template <bool kOpposite, typename acc_t>
+NEUROSENS_INLINE inline void element_grad(acc_t aa, acc_t ab, acc_t ba, acc_t bb, acc_t sign, acc_t x, acc_t y,
+                                          acc_t& gx, acc_t& gy) {
+  if constexpr (kOpposite) {
+    pair_grad_opposite<acc_t>(aa, bb, sign, x, y, gx, gy);
+  } else {
+    pair_grad_mixed<acc_t>(aa, ab, ba, bb, sign, x, y, gx, gy);
+  }
+}
+
 // Gradients of one run with the coefficients k of its map. kUnit: stride 1 in all four tensors.
 // The gradient loops are functions of their own: inlined into the task they do not vectorize.
-template <bool kUnit, typename scalar_t, typename acc_t>
+template <bool kOpposite, bool kUnit, typename scalar_t, typename acc_t>
 NEUROSENS_CLONES void grad_of_run(const scalar_t* __restrict__ a, const scalar_t* __restrict__ b, int64_t len,
                         const int64_t* stride, const acc_t* k, scalar_t* __restrict__ ga, scalar_t* __restrict__ gb) {
   const acc_t aa = k[kAA], ab = k[kAB], ba = k[kBA], bb = k[kBB], sign = k[kSign];
@@ -665,28 +677,28 @@ NEUROSENS_CLONES void grad_of_run(const scalar_t* __restrict__ a, const scalar_t
 #pragma omp simd
   for (int64_t i = 0; i < len; ++i) {
     acc_t gx, gy;
-    pair_grad<acc_t>(aa, ab, ba, bb, sign, static_cast<acc_t>(a[kUnit ? i : i * sa]),
-                     static_cast<acc_t>(b[kUnit ? i : i * sb]), gx, gy);
+    element_grad<kOpposite, acc_t>(aa, ab, ba, bb, sign, static_cast<acc_t>(a[kUnit ? i : i * sa]),
+                                   static_cast<acc_t>(b[kUnit ? i : i * sb]), gx, gy);
     ga[kUnit ? i : i * sga] = static_cast<scalar_t>(gx);
     gb[kUnit ? i : i * sgb] = static_cast<scalar_t>(gy);
   }
 }
 
 // One position of every neuron of a sample; k holds kNumCoefs rows of C coefficients.
-template <typename scalar_t, typename acc_t>
+template <bool kOpposite, typename scalar_t, typename acc_t>
 NEUROSENS_CLONES void grad_of_columns(const scalar_t* __restrict__ a, const scalar_t* __restrict__ b, int64_t C,
                             const acc_t* __restrict__ k, scalar_t* __restrict__ ga, scalar_t* __restrict__ gb) {
 #pragma omp simd
   for (int64_t c = 0; c < C; ++c) {
     acc_t gx, gy;
-    pair_grad<acc_t>(k[kAA * C + c], k[kAB * C + c], k[kBA * C + c], k[kBB * C + c], k[kSign * C + c],
-                     static_cast<acc_t>(a[c]), static_cast<acc_t>(b[c]), gx, gy);
+    element_grad<kOpposite, acc_t>(k[kAA * C + c], k[kAB * C + c], k[kBA * C + c], k[kBB * C + c], k[kSign * C + c],
+                                   static_cast<acc_t>(a[c]), static_cast<acc_t>(b[c]), gx, gy);
     ga[c] = static_cast<scalar_t>(gx);
     gb[c] = static_cast<scalar_t>(gy);
   }
 }
 
-template <typename scalar_t, typename acc_t>
+template <bool kOpposite, typename scalar_t, typename acc_t>
 NEUROSENS_CLONES void grad_task(const scalar_t* pa, const scalar_t* pb, const acc_t* pst, const acc_t* pw, Metric metric,
                                 const PairLayout& L, scalar_t* pga, scalar_t* pgb, int64_t begin, int64_t end) {
   const acc_t D = static_cast<acc_t>(L.D);
@@ -699,7 +711,7 @@ NEUROSENS_CLONES void grad_task(const scalar_t* pa, const scalar_t* pb, const ac
         for (int i = 0; i < kNumCoefs; ++i) coef[i * L.C + c] = k[i];
       }
       walk_columns(L, n, [&](const Offsets& o) NEUROSENS_INLINE {
-        grad_of_columns<scalar_t, acc_t>(pa + o.t[0], pb + o.t[1], L.C, coef.data(), pga + o.t[2], pgb + o.t[3]);
+        grad_of_columns<kOpposite, scalar_t, acc_t>(pa + o.t[0], pb + o.t[1], L.C, coef.data(), pga + o.t[2], pgb + o.t[3]);
       });
     }
     return;
@@ -751,7 +763,7 @@ NEUROSENS_CLONES void grad_task(const scalar_t* pa, const scalar_t* pb, const ac
         const int64_t c = *it;
         acc_t k[kNumCoefs];
         grad_coefficients<acc_t>(metric, pst + (n * L.C + c) * kNumStats, pw[c], D, k);
-        grad_of_run<true>(a + c * L.sc[0], b + c * L.sc[1], L.D, stride, k, ga + c * L.sc[2], gb + c * L.sc[3]);
+        grad_of_run<kOpposite, true>(a + c * L.sc[0], b + c * L.sc[1], L.D, stride, k, ga + c * L.sc[2], gb + c * L.sc[3]);
       }
     });
     return;
@@ -761,9 +773,9 @@ NEUROSENS_CLONES void grad_task(const scalar_t* pa, const scalar_t* pb, const ac
     grad_coefficients<acc_t>(metric, pst + r * kNumStats, pw[c], D, k);
     walk_runs(L, n, c, [&](const Offsets& o, int64_t len) NEUROSENS_INLINE {
       if (unit)
-        grad_of_run<true>(pa + o.t[0], pb + o.t[1], len, stride, k, pga + o.t[2], pgb + o.t[3]);
+        grad_of_run<kOpposite, true>(pa + o.t[0], pb + o.t[1], len, stride, k, pga + o.t[2], pgb + o.t[3]);
       else
-        grad_of_run<false>(pa + o.t[0], pb + o.t[1], len, stride, k, pga + o.t[2], pgb + o.t[3]);
+        grad_of_run<kOpposite, false>(pa + o.t[0], pb + o.t[1], len, stride, k, pga + o.t[2], pgb + o.t[3]);
     });
   });
 }
@@ -779,7 +791,10 @@ std::tuple<at::Tensor, at::Tensor> grad_pass_cpu(const at::Tensor& a, const at::
     scalar_t* pga = call.grad_a.mutable_data_ptr<scalar_t>();
     scalar_t* pgb = call.grad_b.mutable_data_ptr<scalar_t>();
     parallel_tasks(call.L, [&](int64_t begin, int64_t end) {
-      grad_task<scalar_t, acc_t>(pa, pb, pst, pw, call.metric, call.L, pga, pgb, begin, end);
+      if (opposite_coefficients(call.metric))
+        grad_task<true, scalar_t, acc_t>(pa, pb, pst, pw, call.metric, call.L, pga, pgb, begin, end);
+      else
+        grad_task<false, scalar_t, acc_t>(pa, pb, pst, pw, call.metric, call.L, pga, pgb, begin, end);
     });
   });
   return {call.grad_a, call.grad_b};
