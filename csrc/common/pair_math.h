@@ -165,21 +165,20 @@ C10_HOST_DEVICE inline void pair_grad_mixed(acc_t aa, acc_t ab, acc_t ba, acc_t 
   gy = times(ba, x) + times(bb, y) - s;
 }
 
-// Either, by the coefficients of the map: a cheap branch on a GPU, where within one call lanes
-// disagree only between selected and unselected cosine neurons. The CPU loops choose once per call,
-// by metric (opposite_coefficients), so that they vectorize.
+// Whether every map's backward coefficients under `metric` are opposite (pair_grad_opposite).
+C10_HOST_DEVICE constexpr bool opposite_coefficients(Metric metric) { return metric != Metric::Cosine; }
+
+// Either mix, `opposite` being opposite_coefficients of the call's metric: a uniform branch in a
+// GPU kernel, a compile-time constant in the CPU loops (which vectorize only without the branch).
 template <typename acc_t>
-C10_HOST_DEVICE inline void pair_grad(acc_t aa, acc_t ab, acc_t ba, acc_t bb, acc_t sign, acc_t x, acc_t y, acc_t& gx,
-                                      acc_t& gy) {
-  if (ab == -aa && ba == -bb) {
+C10_HOST_DEVICE inline void pair_grad(bool opposite, acc_t aa, acc_t ab, acc_t ba, acc_t bb, acc_t sign, acc_t x, acc_t y,
+                                      acc_t& gx, acc_t& gy) {
+  if (opposite) {
     pair_grad_opposite<acc_t>(aa, bb, sign, x, y, gx, gy);
   } else {
     pair_grad_mixed<acc_t>(aa, ab, ba, bb, sign, x, y, gx, gy);
   }
 }
-
-// Whether every map's backward coefficients under `metric` are opposite (pair_grad_opposite).
-C10_HOST_DEVICE constexpr bool opposite_coefficients(Metric metric) { return metric != Metric::Cosine; }
 
 // Backward coefficients of one (sample, neuron) from its statistics, where `w` is d loss / d dist
 // (zero for neurons that were not selected) and D the size of the map.

@@ -238,18 +238,29 @@ NEUROSENS_INLINE inline void deliver_8(const Sink& sink, int64_t n, int64_t c, i
   deliver_each<kMask>(sink, n, c, count, out);
 }
 
-// A distance sink takes the l1 and l2 distances of eight maps from one vector division (and
-// square root), not eight: lane for lane the same IEEE operations as distance_from_stats.
+// The one statistic an l1 or l2 distance is taken from.
+template <Metric kMetric>
+constexpr int kDistanceStat = kMetric == Metric::L1 ? kAbsDiff : kSqDiff;
+
+// The l1 or l2 distances of eight maps (lane g: map g) from one vector division (and square
+// root), not eight: lane for lane the same IEEE operations as distance_from_stats.
+template <Metric kMetric>
+NEUROSENS_INLINE inline Float8 distances_of_8(const Float8* out, float D) {
+  static_assert(kMetric != Metric::Cosine, "the cosine takes its distances map by map");
+  Float8 dist = out[kDistanceStat<kMetric>];
+  if constexpr (kMetric == Metric::L2)
+    for (int g = 0; g < 8; ++g) dist[g] = std::sqrt(dist[g]);
+  return dist / D;
+}
+
+// A distance sink takes the l1 and l2 distances of eight maps at once.
 template <int kMask, Metric kMetric, bool kRelative, typename Out>
 NEUROSENS_INLINE inline void deliver_8(const DistanceSink<float, kMetric, kRelative, Out>& sink, int64_t n, int64_t c,
                                        int count, const Float8* out) {
   if constexpr (kMetric == Metric::Cosine || kRelative) {
     deliver_each<kMask>(sink, n, c, count, out);
   } else {
-    Float8 dist = out[kMetric == Metric::L1 ? kAbsDiff : kSqDiff];
-    if constexpr (kMetric == Metric::L2)
-      for (int g = 0; g < 8; ++g) dist[g] = std::sqrt(dist[g]);
-    dist = dist / sink.D;
+    const Float8 dist = distances_of_8<kMetric>(out, sink.D);
     for (int g = 0; g < count; ++g) sink.out(n, c + g, dist[g]);
   }
 }
@@ -300,12 +311,9 @@ NEUROSENS_INLINE inline void deliver_8(const LossSink<float, kMetric>& sink, int
   if constexpr (kMetric == Metric::Cosine) {
     deliver_each<kMask>(sink, n, c, count, out);
   } else {
-    constexpr int kStat = kMetric == Metric::L1 ? kAbsDiff : kSqDiff;
+    constexpr int kStat = kDistanceStat<kMetric>;
     static_assert(kMask == stat_bit(static_cast<Stat>(kStat)), "one kept statistic");
-    Float8 dist = out[kStat];
-    if constexpr (kMetric == Metric::L2)
-      for (int g = 0; g < 8; ++g) dist[g] = std::sqrt(dist[g]);
-    dist = dist / sink.D;
+    const Float8 dist = distances_of_8<kMetric>(out, sink.D);
     float* rows = sink.stats + (n * sink.C + c) * kNumStats;
     float* d = sink.dist + n * sink.C + c;
     if (count == 8) {
@@ -647,20 +655,9 @@ NEUROSENS_INLINE inline bool no_gradient(const acc_t* k) {
   return zero;
 }
 
-// The gradients of one pair of elements, the mix chosen by the metric (kOpposite:
-// opposite_coefficients) for the whole loop.
-template <bool kOpposite, typename acc_t>
-NEUROSENS_INLINE inline void element_grad(acc_t aa, acc_t ab, acc_t ba, acc_t bb, acc_t sign, acc_t x, acc_t y,
-                                          acc_t& gx, acc_t& gy) {
-  if constexpr (kOpposite) {
-    pair_grad_opposite<acc_t>(aa, bb, sign, x, y, gx, gy);
-  } else {
-    pair_grad_mixed<acc_t>(aa, ab, ba, bb, sign, x, y, gx, gy);
-  }
-}
-
-// Gradients of one run with the coefficients k of its map. kUnit: stride 1 in all four tensors.
-// The gradient loops are functions of their own: inlined into the task they do not vectorize.
+// Gradients of one run with the coefficients k of its map. kUnit: stride 1 in all four tensors;
+// kOpposite: opposite_coefficients of the metric, a constant so that the loop vectorizes. The
+// gradient loops are functions of their own: inlined into the task they do not vectorize.
 template <bool kOpposite, bool kUnit, typename scalar_t, typename acc_t>
 NEUROSENS_CLONES void grad_of_run(const scalar_t* __restrict__ a, const scalar_t* __restrict__ b, int64_t len,
                         const int64_t* stride, const acc_t* k, scalar_t* __restrict__ ga, scalar_t* __restrict__ gb) {
@@ -677,8 +674,8 @@ NEUROSENS_CLONES void grad_of_run(const scalar_t* __restrict__ a, const scalar_t
 #pragma omp simd
   for (int64_t i = 0; i < len; ++i) {
     acc_t gx, gy;
-    element_grad<kOpposite, acc_t>(aa, ab, ba, bb, sign, static_cast<acc_t>(a[kUnit ? i : i * sa]),
-                                   static_cast<acc_t>(b[kUnit ? i : i * sb]), gx, gy);
+    pair_grad<acc_t>(kOpposite, aa, ab, ba, bb, sign, static_cast<acc_t>(a[kUnit ? i : i * sa]),
+                     static_cast<acc_t>(b[kUnit ? i : i * sb]), gx, gy);
     ga[kUnit ? i : i * sga] = static_cast<scalar_t>(gx);
     gb[kUnit ? i : i * sgb] = static_cast<scalar_t>(gy);
   }
@@ -691,8 +688,8 @@ NEUROSENS_CLONES void grad_of_columns(const scalar_t* __restrict__ a, const scal
 #pragma omp simd
   for (int64_t c = 0; c < C; ++c) {
     acc_t gx, gy;
-    element_grad<kOpposite, acc_t>(k[kAA * C + c], k[kAB * C + c], k[kBA * C + c], k[kBB * C + c], k[kSign * C + c],
-                                   static_cast<acc_t>(a[c]), static_cast<acc_t>(b[c]), gx, gy);
+    pair_grad<acc_t>(kOpposite, k[kAA * C + c], k[kAB * C + c], k[kBA * C + c], k[kBB * C + c], k[kSign * C + c],
+                     static_cast<acc_t>(a[c]), static_cast<acc_t>(b[c]), gx, gy);
     ga[c] = static_cast<scalar_t>(gx);
     gb[c] = static_cast<scalar_t>(gy);
   }

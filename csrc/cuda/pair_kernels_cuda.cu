@@ -347,10 +347,11 @@ struct Coefficients {
     sign = k[kSign];
   }
 
+  // opposite: opposite_coefficients of the call's metric.
   template <typename scalar_t>
-  __device__ __forceinline__ void apply(scalar_t x, scalar_t y, scalar_t& gx, scalar_t& gy) const {
+  __device__ __forceinline__ void apply(bool opposite, scalar_t x, scalar_t y, scalar_t& gx, scalar_t& gy) const {
     acc_t fx, fy;
-    pair_grad<acc_t>(aa, ab, ba, bb, sign, static_cast<acc_t>(x), static_cast<acc_t>(y), fx, fy);
+    pair_grad<acc_t>(opposite, aa, ab, ba, bb, sign, static_cast<acc_t>(x), static_cast<acc_t>(y), fx, fy);
     gx = static_cast<scalar_t>(fx);
     gy = static_cast<scalar_t>(fy);
   }
@@ -359,8 +360,8 @@ struct Coefficients {
 // Flat rows: a warp per (sample, neuron, segment), V elements per load and store.
 template <typename scalar_t, typename acc_t, int V>
 __global__ void grad_flat_kernel(const scalar_t* __restrict__ a, const scalar_t* __restrict__ b,
-                                 const acc_t* __restrict__ coef, PairLayout L, int64_t segs, scalar_t* __restrict__ ga,
-                                 scalar_t* __restrict__ gb) {
+                                 const acc_t* __restrict__ coef, PairLayout L, int64_t segs, bool opposite,
+                                 scalar_t* __restrict__ ga, scalar_t* __restrict__ gb) {
   const int64_t rows = L.N * L.C;
   const int64_t warps_per_block = blockDim.x / kWarp;
   const int lane = threadIdx.x % kWarp;
@@ -380,11 +381,11 @@ __global__ void grad_flat_kernel(const scalar_t* __restrict__ a, const scalar_t*
       const Pack<scalar_t, V> x = load_pack<scalar_t, V>(ra + j), y = load_pack<scalar_t, V>(rb + j);
       Pack<scalar_t, V> gx, gy;
 #pragma unroll
-      for (int i = 0; i < V; ++i) k.apply(x.v[i], y.v[i], gx.v[i], gy.v[i]);
+      for (int i = 0; i < V; ++i) k.apply(opposite, x.v[i], y.v[i], gx.v[i], gy.v[i]);
       *reinterpret_cast<Pack<scalar_t, V>*>(rga + j) = gx;
       *reinterpret_cast<Pack<scalar_t, V>*>(rgb + j) = gy;
     }
-    for (int64_t j = vend + lane; j < end; j += kWarp) k.apply(ra[j], rb[j], rga[j], rgb[j]);
+    for (int64_t j = vend + lane; j < end; j += kWarp) k.apply(opposite, ra[j], rb[j], rga[j], rgb[j]);
   }
 }
 
@@ -392,7 +393,7 @@ __global__ void grad_flat_kernel(const scalar_t* __restrict__ a, const scalar_t*
 // stores coalesce (P as in the statistics pass).
 template <typename scalar_t, typename acc_t, int NT, int P>
 __global__ void grad_columns_kernel(const scalar_t* __restrict__ a, const scalar_t* __restrict__ b,
-                                    const acc_t* __restrict__ coef, PairLayout L, int64_t segs,
+                                    const acc_t* __restrict__ coef, PairLayout L, int64_t segs, bool opposite,
                                     scalar_t* __restrict__ ga, scalar_t* __restrict__ gb) {
   const int64_t c = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) * P;
   if (c >= L.C) return;
@@ -425,7 +426,7 @@ __global__ void grad_columns_kernel(const scalar_t* __restrict__ a, const scalar
         if (j + u < end) {
           Pack<scalar_t, P> gx, gy;
 #pragma unroll
-          for (int q = 0; q < P; ++q) k[q].apply(x[u].v[q], y[u].v[q], gx.v[q], gy.v[q]);
+          for (int q = 0; q < P; ++q) k[q].apply(opposite, x[u].v[q], y[u].v[q], gx.v[q], gy.v[q]);
           *reinterpret_cast<Pack<scalar_t, P>*>(rga + oa[u]) = gx;
           *reinterpret_cast<Pack<scalar_t, P>*>(rgb + ob[u]) = gy;
         }
@@ -437,15 +438,15 @@ __global__ void grad_columns_kernel(const scalar_t* __restrict__ a, const scalar
 // Any strides: a thread per element, ordered (n, c, j) so neighbouring threads share a map.
 template <typename scalar_t, typename acc_t>
 __global__ void grad_strided_kernel(const scalar_t* __restrict__ a, const scalar_t* __restrict__ b,
-                                    const acc_t* __restrict__ coef, PairLayout L, scalar_t* __restrict__ ga,
-                                    scalar_t* __restrict__ gb) {
+                                    const acc_t* __restrict__ coef, PairLayout L, bool opposite,
+                                    scalar_t* __restrict__ ga, scalar_t* __restrict__ gb) {
   const int64_t total = L.N * L.C * L.D;
   const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
   for (int64_t e = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; e < total; e += stride) {
     const int64_t j = e % L.D, row = e / L.D;
     const int64_t n = row / L.C, c = row % L.C;
     const Coefficients<acc_t> k(coef + row * kNumCoefs);
-    k.apply(a[n * L.sn[0] + c * L.sc[0] + spatial_offset(L, 0, j)], b[n * L.sn[1] + c * L.sc[1] + spatial_offset(L, 1, j)],
+    k.apply(opposite, a[n * L.sn[0] + c * L.sc[0] + spatial_offset(L, 0, j)], b[n * L.sn[1] + c * L.sc[1] + spatial_offset(L, 1, j)],
             ga[n * L.sn[2] + c * L.sc[2] + spatial_offset(L, 2, j)], gb[n * L.sn[3] + c * L.sc[3] + spatial_offset(L, 3, j)]);
   }
 }
@@ -484,26 +485,27 @@ std::tuple<at::Tensor, at::Tensor> stabilize_grad_cuda(const at::Tensor& a, cons
     scalar_t* pgb = call.grad_b.mutable_data_ptr<scalar_t>();
     const dim3 grid = grid_of(walk);
     constexpr int P = sizeof(scalar_t) == 2 ? 2 : 1;  // as in the statistics pass
+    const bool opposite = opposite_coefficients(call.metric);
     if (columns && paired && shared) {
-      grad_columns_kernel<scalar_t, acc_t, 1, P><<<grid, walk.threads, 0, stream>>>(pa, pb, pk, L, walk.segs, pga, pgb);
+      grad_columns_kernel<scalar_t, acc_t, 1, P><<<grid, walk.threads, 0, stream>>>(pa, pb, pk, L, walk.segs, opposite, pga, pgb);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     } else if (columns && paired) {
-      grad_columns_kernel<scalar_t, acc_t, 4, P><<<grid, walk.threads, 0, stream>>>(pa, pb, pk, L, walk.segs, pga, pgb);
+      grad_columns_kernel<scalar_t, acc_t, 4, P><<<grid, walk.threads, 0, stream>>>(pa, pb, pk, L, walk.segs, opposite, pga, pgb);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     } else if (columns && shared) {
-      grad_columns_kernel<scalar_t, acc_t, 1, 1><<<grid, walk.threads, 0, stream>>>(pa, pb, pk, L, walk.segs, pga, pgb);
+      grad_columns_kernel<scalar_t, acc_t, 1, 1><<<grid, walk.threads, 0, stream>>>(pa, pb, pk, L, walk.segs, opposite, pga, pgb);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     } else if (columns) {
-      grad_columns_kernel<scalar_t, acc_t, 4, 1><<<grid, walk.threads, 0, stream>>>(pa, pb, pk, L, walk.segs, pga, pgb);
+      grad_columns_kernel<scalar_t, acc_t, 4, 1><<<grid, walk.threads, 0, stream>>>(pa, pb, pk, L, walk.segs, opposite, pga, pgb);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     } else if (flat && rows_aligned<scalar_t>(L, {pa, pb, pga, pgb})) {
-      grad_flat_kernel<scalar_t, acc_t, VecWidth<scalar_t>::value><<<grid, walk.threads, 0, stream>>>(pa, pb, pk, L, walk.segs, pga, pgb);
+      grad_flat_kernel<scalar_t, acc_t, VecWidth<scalar_t>::value><<<grid, walk.threads, 0, stream>>>(pa, pb, pk, L, walk.segs, opposite, pga, pgb);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     } else if (flat) {
-      grad_flat_kernel<scalar_t, acc_t, 1><<<grid, walk.threads, 0, stream>>>(pa, pb, pk, L, walk.segs, pga, pgb);
+      grad_flat_kernel<scalar_t, acc_t, 1><<<grid, walk.threads, 0, stream>>>(pa, pb, pk, L, walk.segs, opposite, pga, pgb);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     } else {
-      grad_strided_kernel<scalar_t, acc_t><<<grid, walk.threads, 0, stream>>>(pa, pb, pk, L, pga, pgb);
+      grad_strided_kernel<scalar_t, acc_t><<<grid, walk.threads, 0, stream>>>(pa, pb, pk, L, opposite, pga, pgb);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     }
   });
