@@ -121,14 +121,24 @@ def default_eps_grid(eps, full):
     return grid + [full]
 
 
-def check_masking_options(eps, steps, eps_grid, queries, tol, full=PIXELS[1] - PIXELS[0]):
+def check_masking_options(eps, steps, eps_grid, queries, tol, full=None):
     """The options of :func:`masking_checks`, checked before any attack runs; ``full`` is
-    :func:`full_range_eps`. Returns the steps and the eps grid."""
+    :func:`full_range_eps`, and the eps grid is checked only when it is given (the grid's top
+    depends on the size of the inputs). Returns the steps and the eps grid (None without ``full``)."""
     if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps > 0 or not math.isfinite(eps):
         raise ValueError(f"masking checks: eps={eps!r} must be a finite number > 0")
     steps = list(steps)
     if len(steps) < 2 or any(isinstance(s, bool) or not isinstance(s, int) or s < 1 for s in steps) or steps != sorted(set(steps)):
         raise ValueError(f"masking checks: steps={steps!r} must be at least two increasing integers >= 1, e.g. (10, 20, 40)")
+    if isinstance(queries, bool) or not isinstance(queries, int) or queries < 1:
+        raise ValueError(f"masking checks: queries={queries!r} must be an integer >= 1")
+    if isinstance(tol, bool) or not isinstance(tol, (int, float)) or not 0 <= tol < 1:
+        raise ValueError(f"masking checks: tol={tol!r} must be a number in [0, 1)")
+    if full is None:
+        return steps, None
+    if eps_grid is None and eps >= full:
+        raise ValueError(f"masking checks: eps={eps:g} already spans the whole input range (the ball of radius "
+                         f"{full:g} holds every input), so the eps curve has nothing to climb")
     grid = default_eps_grid(eps, full) if eps_grid is None else list(eps_grid)
     if (len(grid) < 2 or any(isinstance(e, bool) or not isinstance(e, (int, float)) or not e > 0 for e in grid)
             or grid != sorted(set(grid))):
@@ -136,10 +146,6 @@ def check_masking_options(eps, steps, eps_grid, queries, tol, full=PIXELS[1] - P
     if grid[-1] < full:
         raise ValueError(f"masking checks: eps_grid={eps_grid!r} must reach {full:g}, where the eps-ball holds every "
                          "input of the range [0, 1] and accuracy must fall to 0")
-    if isinstance(queries, bool) or not isinstance(queries, int) or queries < 1:
-        raise ValueError(f"masking checks: queries={queries!r} must be an integer >= 1")
-    if isinstance(tol, bool) or not isinstance(tol, (int, float)) or not 0 <= tol < 1:
-        raise ValueError(f"masking checks: tol={tol!r} must be a number in [0, 1)")
     return steps, grid
 
 

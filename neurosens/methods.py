@@ -81,7 +81,7 @@ def alp_loss(lam=1.0, distance="l2"):
 
     def loss_fn(model, x, y, attack):
         x_adv = attack(x, y)
-        logits, logits_adv = model(torch.cat([x, x_adv])).chunk(2)
+        logits, logits_adv = _logits(model, torch.cat([x, x_adv]), attack).chunk(2)
         diff = logits - logits_adv
         pair = (diff.abs().mean(1) if distance == "l1" else torch.linalg.vector_norm(diff, dim=1)).mean()
         ce = F.cross_entropy(logits_adv, y)

@@ -252,6 +252,19 @@ def _k_label(k):
     return f"{100 * k:g}%" if isinstance(k, float) else str(k)
 
 
+def _distance_of(report):
+    """The metric of a report's distances, with " (relative)" for relative ones."""
+    return f"{report.meta.get('metric')}{' (relative)' if report.meta.get('relative') else ''}"
+
+
+def _check_same_distance(reports, where):
+    """Sensitivities are comparable only when measured with the same metric, both absolute or both relative."""
+    kinds = list(dict.fromkeys(_distance_of(r) for r in reports))
+    if len(kinds) > 1:
+        raise ValueError(f"{where}: the reports measure different distances ({', '.join(kinds)}); "
+                         "compare reports of one metric, all absolute or all relative")
+
+
 def _overlap(first, second, k):
     """The fraction of the top ``k`` of ``first`` that is also in the top ``k`` of ``second``."""
     shared = set(topk(first, k).indices.tolist()) & set(topk(second, k).indices.tolist())
@@ -262,13 +275,11 @@ def topk_overlap(report_a, report_b, k=0.1):
     """``{layer: overlap}``: the fraction of each layer's ``k`` (count or fraction, as in
     :meth:`SensitivityReport.topk`) most sensitive neurons that two reports share, e.g. two
     measurements of one model under attacks with different seeds. The reports must have the same
-    metric, layers and neurons. 1 is the same top-k set; random rankings give k / neurons on average."""
+    metric (both absolute or both relative), layers and neurons. 1 is the same top-k set; random rankings give k / neurons on average."""
     where = "topk_overlap"
     if not isinstance(report_a, SensitivityReport) or not isinstance(report_b, SensitivityReport):
         raise TypeError(f"{where}: expected two SensitivityReports, got {type(report_a).__name__} and {type(report_b).__name__}")
-    metrics = (report_a.meta.get("metric"), report_b.meta.get("metric"))
-    if metrics[0] != metrics[1]:
-        raise ValueError(f"{where}: the reports use different metrics ({metrics[0]} and {metrics[1]})")
+    _check_same_distance((report_a, report_b), where)
     if report_a.layers != report_b.layers:
         only_a = [n for n in report_a.layers if n not in report_b]
         only_b = [n for n in report_b.layers if n not in report_a]
@@ -446,13 +457,11 @@ def _cell(value, ratio=False):
 def compare(reports, labels=None):
     """A :class:`Comparison` of per-layer mean sensitivities; ratios are to the first report.
 
-    Reports must share the metric. Layers missing from a report show as NaN (``-`` in markdown);
+    Reports must share the metric and whether it is relative. Layers missing from a report show as NaN (``-`` in markdown);
     the final row averages only the layers all reports have.
     """
     reports, labels = as_reports(reports, labels)
-    metrics = {r.meta.get("metric") for r in reports}
-    if len(metrics) > 1:
-        raise ValueError(f"compare: the reports use different metrics ({', '.join(map(str, sorted(metrics, key=str)))})")
+    _check_same_distance(reports, "compare")
     layers = union_layers(reports)
     means, stderr = {}, {}
     for label, report in zip(labels, reports):

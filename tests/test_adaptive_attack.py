@@ -206,6 +206,12 @@ def test_the_eps_curve_ends_where_the_ball_holds_every_input():
     assert default_eps_grid(1.0, 8.0) == pytest.approx([0.5, 1.0, 2.0, 4.0, 8.0])
 
 
+def test_the_masking_grid_of_an_l2_budget_climbs_to_the_ball_that_holds_every_input():
+    # An 8x8 image: the L2 ball of radius 8 around any [0, 1] image holds every other one.
+    assert check_masking_options(2.0, [10, 20], None, 100, 0.01, full_range_eps("l2", 64)) == ([10, 20], [1.0, 2.0, 4.0, 8.0])
+    assert check_masking_options(2.0, [10, 20], None, 100, 0.01) == ([10, 20], None)
+
+
 @pytest.mark.parametrize("make,message", [
     (lambda m: NeuronPGD(m, 0.1, weight=-1), r"weight=-1 must be a finite number >= 0"),
     (lambda m: FeaturePGD(m, 0.1, weight=0), r"weight=0 leaves the feature-only attack nothing"),
@@ -216,7 +222,8 @@ def test_the_eps_curve_ends_where_the_ball_holds_every_input():
     (lambda m: make_attack("pgd", m, 0.1, weight=1.0), r"attack 'pgd' takes no option weight"),
     (lambda m: make_attack("neuron-pgd", m, 0.1, queries=5), r"takes no option queries"),
     (lambda m: check_masking_options(0.1, [10], None, 100, 0.01), r"steps=\[10\]"),
-    (lambda m: check_masking_options(0.1, [10, 20], [0.1, 0.5], 100, 0.01), r"must reach 1, where the eps-ball holds every input"),
+    (lambda m: check_masking_options(0.1, [10, 20], [0.1, 0.5], 100, 0.01, 1.0), r"must reach 1, where the eps-ball holds every input"),
+    (lambda m: check_masking_options(1.5, [10, 20], None, 100, 0.01, 1.0), r"eps=1.5 already spans the whole input range"),
     (lambda m: check_masking_options(0.1, [10, 20], None, 0, 0.01), r"queries=0"),
 ])
 def test_bad_options_raise_one_clear_error(make, message):

@@ -122,7 +122,7 @@ def test_evaluate_and_interventions_read_the_logits(batch):
     assert curve["baseline"][0] == (plain(x).argmax(1) == y).sum().item() / len(y)
 
 
-@pytest.mark.parametrize("method", ["standard", "pgd_at", "trades", "sns"])
+@pytest.mark.parametrize("method", ["standard", "pgd_at", "trades", "alp", "sns"])
 def test_training_losses_on_a_dict_output_equal_the_plain_ones(batch, method):
     x, y = batch
     plain = fresh_model()

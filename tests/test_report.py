@@ -122,8 +122,11 @@ def test_compare_shows_the_standard_error_of_each_layer_mean_where_a_report_has_
 
 def test_compare_errors_and_default_labels():
     a, b = make_report(), make_report(metric="cosine")
-    with pytest.raises(ValueError, match=r"different metrics \(cosine, l1\)"):
+    with pytest.raises(ValueError, match=r"compare: the reports measure different distances \(l1, cosine\)"):
         compare([a, b])
+    relative = SensitivityReport(a.sensitivity, {**a.meta, "relative": True})
+    with pytest.raises(ValueError, match=r"different distances \(l1, l1 \(relative\)\)"):
+        compare([a, a, relative])
     with pytest.raises(ValueError, match=r"got 2 reports but 1 labels"):
         compare([a, a], ["x"])
     assert compare([a, a]).labels == ["Net (0)", "Net (1)"]

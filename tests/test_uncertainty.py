@@ -286,8 +286,11 @@ def test_bad_arguments_are_named():
     with pytest.raises(ValueError, match=r"different layers \(only in the first: \['fc1', 'fc2'\]; only in the second: \['fc9'\]"):
         topk_overlap(report, other)
     cosine = SensitivityReport(report.sensitivity, {"metric": "cosine"})
-    with pytest.raises(ValueError, match=r"topk_overlap: the reports use different metrics \(l1 and cosine\)"):
+    with pytest.raises(ValueError, match=r"topk_overlap: the reports measure different distances \(l1, cosine\)"):
         topk_overlap(report, cosine)
+    relative = SensitivityReport(report.sensitivity, {"metric": "l1", "relative": True})
+    with pytest.raises(ValueError, match=r"different distances \(l1, l1 \(relative\)\); compare reports of one metric"):
+        topk_overlap(report, relative)
     narrow = SensitivityReport({name: report[name][:2] for name in LAYERS}, {"metric": "l1"})
     with pytest.raises(ValueError, match=r"layer 'conv' has 5 neurons in the first report and 2 in the second"):
         topk_overlap(report, narrow)
