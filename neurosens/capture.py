@@ -35,6 +35,25 @@ def output_tensor(name, output, output_index=None):
     raise TypeError(f"layer {name!r} returned a {type(output).__name__}, not a tensor")
 
 
+def forward_rows(args, kwargs):
+    """The batch size of a forward called with ``args`` and ``kwargs``: dim 0 of its first tensor
+    with dims (None when it has none)."""
+    for leaf in torch.utils._pytree.tree_leaves((args, kwargs)):
+        if isinstance(leaf, torch.Tensor) and leaf.dim() > 0:
+            return leaf.shape[0]
+    return None
+
+
+def check_batch_rows(name, t, rows, what):
+    """A layer's output must hold its forward's ``rows`` (``what`` says which) along dim 0; a layer
+    that puts the batch elsewhere (a sequence-first transformer) would pair the wrong rows."""
+    if rows is not None and t.shape[0] != rows:
+        raise RuntimeError(
+            f"layer {name!r}: output of shape {list(t.shape)} has {t.shape[0]} rows, expected {rows} ({what}); "
+            "the batch must be dim 0 of every chosen layer's output"
+        )
+
+
 @contextlib.contextmanager
 def eval_mode(model):
     """Put every module of ``model`` in eval mode, and give each back its own mode on exit (they

@@ -16,7 +16,7 @@ from contextlib import contextmanager
 import torch
 from tqdm.auto import tqdm
 
-from .capture import eval_mode, output_tensor
+from .capture import check_batch_rows, eval_mode, forward_rows, output_tensor
 from .layers import NeuronDims, select_layers
 from .checks import check_index_range
 from .env import model_device
@@ -51,9 +51,14 @@ def intervene(model, layer, neurons, mode="repair", channel_dim=None, mean=None,
         raise ValueError("mode='mean' needs the layer's mean benign output: pass mean=mean_benign_output(...)")
     name, module, neuron_dims = _single_layer(model, layer, channel_dim)
     neurons = torch.as_tensor(neurons, dtype=torch.long).flatten()
+    rows = []  # the batch size of the model's latest forward
+
+    def note_rows(mod, args, kwargs):
+        rows[:] = [forward_rows(args, kwargs)]
 
     def edit(mod, inputs, output):
         out = output_tensor(name, output, output_index)
+        check_batch_rows(name, out, rows[0] if rows else None, "the batch of the model's forward")
         cdim = neuron_dims(name, out)
         check_index_range(neurons, out.shape[cdim], f"layer {name!r}", "neurons")
         if neurons.numel() == 0:
@@ -76,11 +81,12 @@ def intervene(model, layer, neurons, mode="repair", channel_dim=None, mean=None,
         edited[output_index] = out
         return type(output)(edited) if isinstance(output, tuple) else edited
 
-    handle = module.register_forward_hook(edit)
+    handles = [model.register_forward_pre_hook(note_rows, with_kwargs=True), module.register_forward_hook(edit)]
     try:
         yield
     finally:
-        handle.remove()
+        for handle in handles:
+            handle.remove()
 
 
 def adversarial_batches(model, loader, attack, device=None, max_batches=None, progress=True):
@@ -99,11 +105,12 @@ def adversarial_batches(model, loader, attack, device=None, max_batches=None, pr
 def mean_benign_output(model, batches, layer, output_index=None):
     """The mean over samples of ``layer``'s benign output: a [C, ...] map."""
     name, module, _ = _single_layer(model, layer)
-    total, count = None, 0
+    total, count, rows = None, 0, None
 
     def keep(mod, inputs, output):
         nonlocal total, count
         out = output_tensor(name, output, output_index).double()
+        check_batch_rows(name, out, rows, "the benign batch")
         total = out.sum(0) if total is None else total + out.sum(0)
         count += out.shape[0]
 
@@ -111,6 +118,7 @@ def mean_benign_output(model, batches, layer, output_index=None):
     try:
         with eval_mode(model):
             for x, _, _ in batches:
+                rows = x.shape[0]
                 model(x)
     finally:
         handle.remove()

@@ -18,7 +18,7 @@ import torch
 import torch.distributed as dist
 from tqdm.auto import tqdm
 
-from .capture import LayerHooks, eval_mode
+from .capture import LayerHooks, check_batch_rows, eval_mode
 from .layers import NeuronDims, select_layers, unwrap
 from .checks import check_metric
 from .env import model_device
@@ -88,11 +88,7 @@ class NeuronSensitivity:
     def _reduce(self, name, t, batch):
         key = (name, self._calls[name])
         self._calls[name] += 1
-        if t.shape[0] != 2 * batch:
-            raise RuntimeError(
-                f"layer {name!r}: output of shape {list(t.shape)} has {t.shape[0]} rows, expected {2 * batch} "
-                f"(benign and adversarial batches of {batch}); the batch must be dim 0 of every chosen layer's output"
-            )
+        check_batch_rows(name, t, 2 * batch, f"benign and adversarial batches of {batch}")
         cdim = self.neuron_dims(name, t)
         shape = list(t.shape[1:])
         if key in self._shapes and self._shapes[key][0][cdim - 1] != shape[cdim - 1]:

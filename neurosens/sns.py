@@ -31,7 +31,7 @@ from collections import OrderedDict
 import torch
 import torch.distributed as dist
 
-from .capture import LayerHooks
+from .capture import LayerHooks, check_batch_rows, forward_rows
 from .checks import check_metric
 from .layers import NeuronDims, select_layers, unwrap
 from .ops import neuron_distance, stabilize
@@ -186,7 +186,7 @@ class SNSRegularizer:
         self.output_index = output_index
         self.selections = {}  # layer -> indices of the neurons stabilized last
         self._outputs = {name: [] for name in self.modules}  # layer -> [(output, its version when captured)]
-        self._forwards = 0  # forwards of the whole model inside the last capture()
+        self._rows = []  # the batch size of each forward of the whole model inside the last capture()
         self._calls = 0
 
     @contextlib.contextmanager
@@ -194,16 +194,16 @@ class SNSRegularizer:
         """Context manager recording the chosen layers' outputs, with their graphs."""
         for outs in self._outputs.values():
             outs.clear()
-        self._forwards = 0
-        counter = self.root.register_forward_pre_hook(self._count_forward)
+        self._rows = []
+        counter = self.root.register_forward_pre_hook(self._count_forward, with_kwargs=True)
         try:
             with LayerHooks(self.modules, self._keep, self.output_index) as hooks:
                 yield hooks
         finally:
             counter.remove()
 
-    def _count_forward(self, module, inputs):
-        self._forwards += 1
+    def _count_forward(self, module, args, kwargs):
+        self._rows.append(forward_rows(args, kwargs))
 
     def _keep(self, name, t):
         # The version counter tells later whether an in-place op overwrote the values kept here.
@@ -218,15 +218,20 @@ class SNSRegularizer:
                     "regularize the layer after that op instead, or make the op out-of-place"
                 )
         outs = [t for t, _ in self._outputs[name]]
-        if self._forwards == 1 and len(outs) > 1:
+        if len(self._rows) == 1 and len(outs) > 1:
             raise RuntimeError(
                 f"SNS layer {name!r} ran {len(outs)} times in one forward; SNS pairs one output per forward (the "
                 "two halves of one forward of [x; x_adv], or one benign and one adversarial forward): choose a "
                 "layer that runs once per forward"
             )
         if len(outs) == 2:
+            if len(self._rows) == 2:
+                for t, rows in zip(outs, self._rows):
+                    check_batch_rows(name, t, rows, "the batch of its forward")
             return outs
         if len(outs) == 1:
+            if len(self._rows) == 1:
+                check_batch_rows(name, outs[0], self._rows[0], "the batch of one forward of [x; x_adv]")
             if outs[0].shape[0] % 2:
                 raise ValueError(f"SNS layer {name!r}: one forward of odd batch {outs[0].shape[0]} cannot be split into [x; x_adv]")
             return outs[0].chunk(2)

@@ -172,3 +172,44 @@ def test_interventions_edit_features_along_the_inferred_dim():
     keep = [c for c in range(64) if c not in (40, 63)]
     torch.testing.assert_close(edited[:, :, keep], original[:, :, keep], rtol=0, atol=0)
     assert not torch.equal(original[3:, :, 40], original[:3, :, 40])
+
+
+class SequenceFirst(nn.Module):
+    """Batch-first [N, T, C] inputs through the default, sequence-first nn.TransformerEncoder:
+    its layers' outputs are [T, N, C]."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.encoder = nn.TransformerEncoder(nn.TransformerEncoderLayer(8, 2, 16, dropout=0.0), 1, enable_nested_tensor=False)
+        self.head = nn.Linear(8, 10)
+
+    def forward(self, x):
+        return self.head(self.encoder(x.transpose(0, 1)).mean(0))
+
+
+def test_a_layer_that_puts_the_batch_off_dim_0_is_refused_not_mispaired():
+    from neurosens.interventions import adversarial_batches, intervene, mean_benign_output
+
+    model, layer = SequenceFirst(), "encoder.layers.0.linear1"
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(4, 6, 8, generator=g)  # 4 sequences of 6 tokens: outputs of [6, 8, 16] on [x; x_adv]
+    refusal = rf"layer '{layer}': output of shape \[6, {{}}, 16\] has 6 rows, expected {{}} \({{}}\); the batch must be dim 0"
+    with pytest.raises(RuntimeError, match=refusal.format(8, 8, "benign and adversarial batches of 4")):
+        ns.measure(model, [(x, x)], layers=layer, channel_dim=-1, progress=False)
+    for forward in ("joint", "separate"):
+        reg = ns.SNSRegularizer(model, layers=layer, k=2, channel_dim=-1)
+        with reg.capture():
+            if forward == "joint":
+                model(torch.cat([x, x]))
+            else:
+                model(x), model(x)
+        rows, what = (8, "the batch of one forward of \\[x; x_adv\\]") if forward == "joint" else (4, "the batch of its forward")
+        with pytest.raises(RuntimeError, match=refusal.format(rows, rows, what)):
+            reg.loss()
+    with pytest.raises(RuntimeError, match=refusal.format(8, 8, "the batch of the model's forward")):
+        with torch.no_grad(), intervene(model, layer, [0], mode="repair", channel_dim=-1):
+            model(torch.cat([x, x]))
+    batches = adversarial_batches(model, [(x, torch.zeros(4, dtype=torch.long))], lambda x, y: x, progress=False)
+    with pytest.raises(RuntimeError, match=refusal.format(4, 4, "the benign batch")):
+        mean_benign_output(model, batches, layer)
