@@ -19,7 +19,9 @@ import torch.nn.functional as F
 from .attacks import PGD
 from .capture import eval_mode
 from .evaluation import accuracy
+from .layers import unwrap
 from .outputs import logits_of
+from .pairing import SharedDropout
 from .sns import SNSConfig, SNSRegularizer
 
 
@@ -73,15 +75,22 @@ def alp_loss(lam=1.0, distance="l2"):
     """Adversarial logit pairing (after Kannan et al.): CE(f(x'), y) + lam * d(f(x), f(x')) on the
     PGD batch x', with no hidden-layer term; d is the mean over the batch of the mean absolute logit
     difference ("l1", the SNS L1 term on the logits layer with every neuron) or of the Euclidean
-    distance between the logit vectors ("l2"). Both inputs go through one forward of [x; x'], as in SNS."""
+    distance between the logit vectors ("l2"). Both inputs go through one forward of [x; x'], as in
+    SNS, with one dropout mask for both (:mod:`neurosens.pairing`)."""
     if distance not in ALP_DISTANCES:
         raise ValueError(f"distance={distance!r} is unknown; expected one of {', '.join(ALP_DISTANCES)}")
     if not lam >= 0:
         raise ValueError(f"lam={lam!r}: the pairing weight must be >= 0")
 
+    shared = {}  # the model's SharedDropout, made on the first call
+
     def loss_fn(model, x, y, attack):
         x_adv = attack(x, y)
-        logits, logits_adv = _logits(model, torch.cat([x, x_adv]), attack).chunk(2)
+        root = unwrap(model)
+        if shared.get("model") is not root:
+            shared.update(model=root, dropout=SharedDropout(root, "adversarial logit pairing"))
+        with shared["dropout"]("joint"):
+            logits, logits_adv = _logits(model, torch.cat([x, x_adv]), attack).chunk(2)
         diff = logits - logits_adv
         pair = (diff.abs().mean(1) if distance == "l1" else torch.linalg.vector_norm(diff, dim=1)).mean()
         ce = F.cross_entropy(logits_adv, y)
@@ -115,7 +124,7 @@ class SNSLoss:
         if reg.lam == 0 and self.clean_weight == 0 and self.adv_examples == "all":
             logits_adv = _logits(model, x_adv, attack)
             return F.cross_entropy(logits_adv, y), {"adv_acc": accuracy(logits_adv, y)}
-        with reg.capture():
+        with reg.capture(self.forward):
             if self.forward == "joint":
                 logits, logits_adv = _logits(model, torch.cat([x, x_adv]), attack).chunk(2)
             else:

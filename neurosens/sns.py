@@ -15,10 +15,11 @@ op gives the stabilizing term and its gradient::
 One forward of the concatenated batch is the BatchNorm-safe way, and what SNS training does by
 default (``SNSConfig.forward="joint"``): a training-mode BatchNorm updates its running statistics
 once per step, from the statistics of x and x' together, and normalizes both halves with the same
-batch statistics, so the benign/adversarial difference the term sees comes from the inputs alone.
-Two forwards (``model(x), model(x_adv)``, ``forward="separate"``) update the statistics twice
-per step and normalize each half with its own statistics. Models without BatchNorm compute the
-same either way.
+batch statistics. Two forwards (``model(x), model(x_adv)``, ``forward="separate"``, and
+``reg.capture("separate")``) update the statistics twice per step and normalize each half with
+its own statistics. Models without BatchNorm compute the same either way. Either way the dropout
+modules give x and x' one mask (:mod:`neurosens.pairing`), so the difference the term sees comes
+from the inputs, not from dropout noise.
 
 Under ``torch.distributed`` the per-neuron statistics are summed over ranks before the top-k, so
 every rank stabilizes the same neurons.
@@ -35,14 +36,13 @@ from .capture import LayerHooks, check_batch_rows, forward_rows
 from .checks import check_metric
 from .layers import NeuronDims, select_layers, unwrap
 from .ops import neuron_distance, stabilize
+from .pairing import FORWARDS, SharedDropout
 from .reference import METRICS
 from .selection import resolve_k, topk
 
 
 #: Which examples enter SNS training's adversarial cross-entropy: all, or those right on the benign input.
 ADV_EXAMPLES = ("all", "correct")
-#: How SNS training runs the benign and adversarial batches: one forward of [x; x_adv], or two.
-FORWARDS = ("joint", "separate")
 #: Which neurons of each layer SNS stabilizes: the k most sensitive on the batch, k drawn at random, or all.
 SELECTIONS = ("topk", "random", "all")
 #: Named sets of layers (see :func:`sns_layers`); "auto" is "all".
@@ -187,17 +187,22 @@ class SNSRegularizer:
         self.selections = {}  # layer -> indices of the neurons stabilized last
         self._outputs = {name: [] for name in self.modules}  # layer -> [(output, its version when captured)]
         self._rows = []  # the batch size of each forward of the whole model inside the last capture()
+        self._dropout = SharedDropout(self.root, "SNS")
+        self._pairing = None  # how the pair ran in the last capture(), its forward argument
         self._calls = 0
 
     @contextlib.contextmanager
-    def capture(self):
-        """Context manager recording the chosen layers' outputs, with their graphs."""
+    def capture(self, forward="joint"):
+        """Context manager recording the chosen layers' outputs, with their graphs. ``forward``
+        says how the pair runs inside it, "joint" (one forward of ``[x; x_adv]``) or "separate"
+        (``x``, then ``x_adv``), so that both see one dropout mask (:mod:`neurosens.pairing`)."""
         for outs in self._outputs.values():
             outs.clear()
         self._rows = []
         counter = self.root.register_forward_pre_hook(self._count_forward, with_kwargs=True)
         try:
-            with LayerHooks(self.modules, self._keep, self.output_index) as hooks:
+            with self._dropout(forward), LayerHooks(self.modules, self._keep, self.output_index) as hooks:
+                self._pairing = forward
                 yield hooks
         finally:
             counter.remove()
@@ -254,6 +259,12 @@ class SNSRegularizer:
     def loss(self):
         """``lam`` times the mean over layers of the stabilizing term of each layer's selection."""
         distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+        if self._dropout.ran and len(self._rows) != (1 if self._pairing == "joint" else 2):
+            raise RuntimeError(
+                f"SNS: {len(self._rows)} forward(s) ran inside capture(forward={self._pairing!r}) with dropout in training "
+                f"mode, so the benign and adversarial inputs did not share its masks; pass "
+                f"capture(forward={'separate' if len(self._rows) == 2 else 'joint'!r})"
+            )
         select_now = self._calls % self.refresh == 0
         terms = []
         for name in self.modules:
