@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .capture import LayerHooks, eval_mode
+from .capture import LayerHooks, check_unchanged, eval_mode, version_of
 from .checks import check_metric
 from .env import require
 from .layers import NeuronDims
@@ -295,14 +295,15 @@ class NeuronPGD(PGD):
     def _forward(self, x):
         """The logits and ``{layer: output}`` of the chosen layers, with their graphs."""
         outputs = {name: [] for name in self._layers}
-        with LayerHooks(self._layers, lambda name, t: outputs[name].append(t), self.output_index) as hooks:
+        with LayerHooks(self._layers, lambda name, t: outputs[name].append((t, version_of(t))), self.output_index) as hooks:
             logits = self._logits(x)
         hooks.check_ran()
         for name, outs in outputs.items():
             if len(outs) > 1:
                 raise RuntimeError(f"{type(self).__name__}: layer {name!r} ran {len(outs)} times in one forward; "
                                    "choose layers that run once per forward")
-        return logits, {name: outs[0] for name, outs in outputs.items()}
+            check_unchanged(name, *outs[0], type(self).__name__)
+        return logits, {name: outs[0][0] for name, outs in outputs.items()}
 
     def _feature_term(self, outputs):
         """Per sample, the mean over layers of the mean distance of each layer's top-k neurons from

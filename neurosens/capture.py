@@ -35,6 +35,23 @@ def output_tensor(name, output, output_index=None):
     raise TypeError(f"layer {name!r} returned a {type(output).__name__}, not a tensor")
 
 
+def version_of(t):
+    """What :func:`check_unchanged` compares later: the tensor's version counter (None for an
+    inference tensor, which cannot be changed in place outside inference mode)."""
+    return None if t.is_inference() else t._version
+
+
+def check_unchanged(name, t, version, who):
+    """A layer output kept from a hook must still hold the layer's values: an in-place op after
+    the layer (``ReLU(inplace=True)``) overwrites the storage the kept tensor shares."""
+    if version is not None and t._version != version:
+        raise RuntimeError(
+            f"{who} layer {name!r}: its output was modified in place after the layer ran (by an in-place op such as "
+            "ReLU(inplace=True) that follows it), so the kept values are no longer the layer's; choose the layer "
+            "after that op instead, or make the op out-of-place"
+        )
+
+
 def forward_rows(args, kwargs):
     """The batch size of a forward called with ``args`` and ``kwargs``: dim 0 of its first tensor
     with dims (None when it has none)."""
@@ -127,10 +144,19 @@ class ActivationCapture(LayerHooks):
     def __init__(self, model, layers="auto", auto="conv_linear", output_index=None, detach=True):
         super().__init__(select_layers(model, layers, auto), self._store, output_index)
         self.detach = detach
-        self.outputs = {name: [] for name in self.modules}
+        self._kept = {name: [] for name in self.modules}  # layer -> [(output, its version when kept)]
 
     def _store(self, name, t):
-        self.outputs[name].append(t.detach() if self.detach else t)
+        # A detached tensor shares its source's version counter, so the check below still sees writes.
+        self._kept[name].append((t.detach() if self.detach else t, version_of(t)))
+
+    @property
+    def outputs(self):
+        """``{layer: [outputs in call order]}``; refused when an in-place op overwrote one since."""
+        for name, kept in self._kept.items():
+            for t, version in kept:
+                check_unchanged(name, t, version, "captured")
+        return {name: [t for t, _ in kept] for name, kept in self._kept.items()}
 
     @property
     def activations(self):
@@ -138,8 +164,8 @@ class ActivationCapture(LayerHooks):
         return {name: outs[-1] for name, outs in self.outputs.items()}
 
     def clear(self):
-        for outs in self.outputs.values():
-            outs.clear()
+        for kept in self._kept.values():
+            kept.clear()
         self.calls = {name: 0 for name in self.modules}
 
 

@@ -32,7 +32,7 @@ from collections import OrderedDict
 import torch
 import torch.distributed as dist
 
-from .capture import LayerHooks, check_batch_rows, forward_rows
+from .capture import LayerHooks, check_batch_rows, check_unchanged, forward_rows, version_of
 from .checks import check_metric
 from .layers import NeuronDims, select_layers, unwrap
 from .ops import neuron_distance, stabilize
@@ -212,16 +212,11 @@ class SNSRegularizer:
 
     def _keep(self, name, t):
         # The version counter tells later whether an in-place op overwrote the values kept here.
-        self._outputs[name].append((t, None if t.is_inference() else t._version))
+        self._outputs[name].append((t, version_of(t)))
 
     def _pair(self, name):
         for t, version in self._outputs[name]:
-            if version is not None and t._version != version:
-                raise RuntimeError(
-                    f"SNS layer {name!r}: its output was modified in place after the layer ran (by an in-place op "
-                    "such as ReLU(inplace=True) that follows it), so the kept values are no longer the layer's; "
-                    "regularize the layer after that op instead, or make the op out-of-place"
-                )
+            check_unchanged(name, t, version, "SNS")
         outs = [t for t, _ in self._outputs[name]]
         if len(self._rows) == 1 and len(outs) > 1:
             raise RuntimeError(

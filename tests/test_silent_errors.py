@@ -193,3 +193,22 @@ def test_interrupted_runs_leave_no_debris(tmp_path, monkeypatch):
     state = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
     lines = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert state["epoch"] == 1 and [h["epoch"] for h in lines] == [1]
+
+
+def test_captures_and_the_neuron_attack_refuse_outputs_changed_in_place():
+    from neurosens.attacks import NeuronPGD
+    from neurosens.capture import ActivationCapture, capture_activations
+
+    torch.manual_seed(0)
+    model = BNInplaceReLU().eval()
+    x = torch.randn(4, 2, 5, 5)
+    refusal = r"layer 'bn': its output was modified in place .*ReLU\(inplace=True\)"
+    with pytest.raises(RuntimeError, match="captured " + refusal):
+        capture_activations(model, x, layers="bn")
+    with pytest.raises(RuntimeError, match="NeuronPGD " + refusal):
+        NeuronPGD(model, 0.1, layers="bn", k=2, feature_only=True).objective(x, x + 0.1, torch.zeros(4, dtype=torch.long))
+    # The conv before it is kept as the conv computed it.
+    with ActivationCapture(model, layers="conv") as cap, torch.no_grad():
+        model(x)
+    torch.testing.assert_close(cap.activations["conv"], model.conv(x), rtol=0, atol=0)
+    assert cap.activations["conv"].min() < 0
