@@ -53,13 +53,23 @@ def _per_sample_norm(t, norm):
 
 def project(x_adv, x, eps, norm, clip=PIXELS):
     """Project ``x_adv`` onto the eps-ball around ``x`` and the ``clip`` box."""
-    delta = x_adv - x
+    low = x.dtype in (torch.float16, torch.bfloat16)
+    xf = x.float() if low else x
+    delta = x_adv.to(xf.dtype) - xf
     if norm == "linf":
         delta = delta.clamp(-eps, eps)
     else:
         delta = delta * (eps / _per_sample_norm(delta, "l2").clamp_min(1e-12)).clamp(max=1.0)
     # Clamping to the box only shrinks each coordinate of delta, so the ball still holds.
-    return (x + delta).clamp(*clip)
+    out = (xf + delta).clamp(*clip)
+    if not low:
+        return out
+    # Rounding to 8 or 11 bits can land a coordinate half a unit past the ball's edge (6% of eps
+    # 8/255 in bfloat16); one step toward x brings every coordinate back within |delta|.
+    out = out.to(x.dtype)
+    moved = out.float() - xf
+    over = moved.abs() > eps if norm == "linf" else _per_sample_norm(moved, "l2") > eps
+    return torch.where(over, torch.nextafter(out, x), out)
 
 
 def check_clip(clip):

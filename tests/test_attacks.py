@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from neurosens import attacks, data
-from neurosens.attacks import CW, FGSM, PGD, AutoAttack, margin_loss, project
+from neurosens.attacks import CW, FGSM, PGD, AutoAttack, make_attack, margin_loss, project
 from neurosens.models import build_model
 
 from conftest import trained_on_digits
@@ -249,3 +249,19 @@ def test_autoattack_is_at_least_as_strong_as_pgd(digits):
 def test_registry_names_every_attack():
     assert set(attacks.ATTACKS) == {"fgsm", "pgd", "cw", "autoattack", "square", "neuron-pgd", "feature-pgd"}
     assert attacks.ATTACKS["cw"](nn.Linear(4, 2), 0.1).loss == "cw"
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("name,norm,eps", [("pgd", "linf", 8 / 255), ("fgsm", "linf", 8 / 255), ("pgd", "l2", 0.5)])
+def test_16_bit_adversarial_examples_stay_inside_the_ball_after_rounding(dtype, name, norm, eps):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 6 * 6, 10)).to(dtype)
+    x = torch.rand(16, 3, 8, 8, generator=torch.Generator().manual_seed(1)).to(dtype)
+    y = torch.arange(16) % 10
+    x_adv = make_attack(name, model, eps, norm, steps=5)(x, y)
+    assert x_adv.dtype == dtype
+    moved = x_adv.double() - x.double()
+    size = moved.abs().flatten(1).amax(1) if norm == "linf" else moved.flatten(1).norm(dim=1)
+    assert size.max() <= eps * (1 + 1e-6)
+    assert size.min() > 0.9 * eps  # still at the edge, not pulled far inside
+    assert 0 <= x_adv.min() and x_adv.max() <= 1
