@@ -17,6 +17,10 @@ ACTIVATIONS = (nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.PReLU, nn.ELU, nn.SELU, nn.CE
                nn.Hardswish, nn.Hardsigmoid, nn.Hardtanh, nn.Sigmoid, nn.Tanh, nn.Softplus)
 #: Modules whose output has the shape, and so the neurons, of their input.
 _SHAPE_PRESERVING = ACTIVATIONS + (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, nn.Identity)
+#: Norm layers, by the features they declare: num_features on dim 1 (the first seven), then
+#: GroupNorm's channels on dim 1 and LayerNorm's last dim.
+_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm, nn.InstanceNorm1d, nn.InstanceNorm2d,
+          nn.InstanceNorm3d, nn.GroupNorm, nn.LayerNorm)
 _CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
 
 #: What ``"auto"`` selects, by kind.
@@ -139,9 +143,12 @@ def _declared(module):
         return -1, module.out_features, f"nn.Linear(out_features={module.out_features})"
     if isinstance(module, _CONVS):
         return 1, module.out_channels, f"{type(module).__name__}(out_channels={module.out_channels})"
-    norms = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm, nn.InstanceNorm1d, nn.InstanceNorm2d,
-             nn.InstanceNorm3d)
-    if isinstance(module, norms):
+    norm = next((c for c in _NORMS if isinstance(module, c)), None)
+    if norm is not None and type(module).forward is not norm.forward:
+        # A norm with a forward of its own may move its features (a LayerNorm2d normalizes dim 1 of
+        # an [N, C, H, W] map by permuting it to the last dim and back): it says nothing.
+        return None
+    if isinstance(module, _NORMS[:7]):
         return 1, module.num_features, f"{type(module).__name__}(num_features={module.num_features})"
     if isinstance(module, nn.GroupNorm):
         return 1, module.num_channels, f"nn.GroupNorm(num_channels={module.num_channels})"

@@ -213,3 +213,23 @@ def test_a_layer_that_puts_the_batch_off_dim_0_is_refused_not_mispaired():
     batches = adversarial_batches(model, [(x, torch.zeros(4, dtype=torch.long))], lambda x, y: x, progress=False)
     with pytest.raises(RuntimeError, match=refusal.format(4, 4, "the benign batch")):
         mean_benign_output(model, batches, layer)
+
+
+def test_a_layer_norm_that_permutes_keeps_its_channels_on_dim_1_and_a_plain_one_on_the_last():
+    from torchvision.models.convnext import LayerNorm2d
+
+    torch.manual_seed(0)
+    # Width == channels == 8, so measuring the wrong dim would not be refused for its size.
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), LayerNorm2d(8), nn.Flatten(1, 2), nn.LayerNorm(8),
+                          nn.Flatten(), nn.Linear(512, 3)).eval()
+    x = torch.rand(4, 3, 8, 8, generator=torch.Generator().manual_seed(1))
+    x_adv = (x + 0.1 * torch.randn(x.shape, generator=torch.Generator().manual_seed(2))).clamp(0, 1)
+    report = ns.measure(model, [(x, x_adv)], layers=["1", "3"], progress=False)
+    assert report.meta["layers"]["1"]["channel_dim"] == 1 and report.meta["layers"]["3"]["channel_dim"] == 2
+    with torch.no_grad():
+        maps = model[1](model[0](torch.cat([x, x_adv])))
+        tokens = model[3](model[2](maps))
+    a, b = maps.chunk(2)
+    torch.testing.assert_close(report["1"], (a - b).abs().mean((2, 3)).mean(0).double(), rtol=1e-5, atol=1e-7)
+    a, b = tokens.chunk(2)  # [N, 64 positions, 8 features]: the plain LayerNorm's neurons are its 8 features
+    torch.testing.assert_close(report["3"], (a - b).abs().mean(1).mean(0).double(), rtol=1e-5, atol=1e-7)
