@@ -184,6 +184,32 @@ def _declared_in_place(root, name, module):
     return None
 
 
+def _sequence_first(module):
+    """Whether ``module`` is a torch transformer part that keeps the batch on dim 1 ([T, N, C])."""
+    if isinstance(module, (nn.MultiheadAttention, nn.Transformer)):
+        return not module.batch_first
+    if isinstance(module, (nn.TransformerEncoder, nn.TransformerDecoder)):
+        return len(module.layers) > 0 and _sequence_first(module.layers[0])
+    attention = attention_of(module)
+    return attention is not None and not attention.batch_first
+
+
+def check_batch_first(root, name):
+    """Refuse a layer inside (or being) a sequence-first transformer part: its output has the
+    batch on dim 1, where a [x; x_adv] forward's benign and adversarial rows cannot be told apart
+    by shape (T == 2N would pass any row count)."""
+    path = name.split(".")
+    for depth in range(len(path), -1, -1):
+        part = ".".join(path[:depth])
+        module = root.get_submodule(part)
+        if _sequence_first(module):
+            raise ValueError(
+                f"layer {name!r} runs inside {part or 'the model'!r}, a {type(module).__name__} with batch_first=False: "
+                "its outputs are [T, N, C], and measuring or pairing neurons needs the batch on dim 0; build it with "
+                "batch_first=True"
+            )
+
+
 class NeuronDims:
     """Where the neurons of each chosen layer's output lie: the one rule of measurement, SNS and
     interventions.
@@ -201,6 +227,8 @@ class NeuronDims:
 
     def __init__(self, model, modules, channel_dim=None, where="channel_dim"):
         root = unwrap(model)
+        for name in modules:
+            check_batch_first(root, name)
         self.specs = {name: _declared_in_place(root, name, m) for name, m in modules.items()}
         self.kinds = {name: type(m).__name__ for name, m in modules.items()}
         if isinstance(channel_dim, dict):

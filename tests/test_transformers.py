@@ -175,23 +175,22 @@ def test_interventions_edit_features_along_the_inferred_dim():
 
 
 class SequenceFirst(nn.Module):
-    """Batch-first [N, T, C] inputs through the default, sequence-first nn.TransformerEncoder:
-    its layers' outputs are [T, N, C]."""
+    """Batch-first [N, T, C] inputs through a layer applied sequence-first: its outputs are [T, N, C]."""
 
     def __init__(self):
         super().__init__()
         torch.manual_seed(0)
-        self.encoder = nn.TransformerEncoder(nn.TransformerEncoderLayer(8, 2, 16, dropout=0.0), 1, enable_nested_tensor=False)
-        self.head = nn.Linear(8, 10)
+        self.mix = nn.Linear(8, 16)
+        self.head = nn.Linear(16, 10)
 
     def forward(self, x):
-        return self.head(self.encoder(x.transpose(0, 1)).mean(0))
+        return self.head(torch.relu(self.mix(x.transpose(0, 1))).mean(0))
 
 
 def test_a_layer_that_puts_the_batch_off_dim_0_is_refused_not_mispaired():
     from neurosens.interventions import adversarial_batches, intervene, mean_benign_output
 
-    model, layer = SequenceFirst(), "encoder.layers.0.linear1"
+    model, layer = SequenceFirst(), "mix"
     g = torch.Generator().manual_seed(0)
     x = torch.rand(4, 6, 8, generator=g)  # 4 sequences of 6 tokens: outputs of [6, 8, 16] on [x; x_adv]
     refusal = rf"layer '{layer}': output of shape \[6, {{}}, 16\] has 6 rows, expected {{}} \({{}}\); the batch must be dim 0"
@@ -233,3 +232,26 @@ def test_a_layer_norm_that_permutes_keeps_its_channels_on_dim_1_and_a_plain_one_
     torch.testing.assert_close(report["1"], (a - b).abs().mean((2, 3)).mean(0).double(), rtol=1e-5, atol=1e-7)
     a, b = tokens.chunk(2)  # [N, 64 positions, 8 features]: the plain LayerNorm's neurons are its 8 features
     torch.testing.assert_close(report["3"], (a - b).abs().mean(1).mean(0).double(), rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("layer", ["encoder", "encoder.layers.0", "encoder.layers.0.linear1", "encoder.layers.0.self_attn"])
+def test_a_sequence_first_transformer_is_refused_before_it_runs(layer):
+    from neurosens.interventions import intervene
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.TransformerEncoder(nn.TransformerEncoderLayer(8, 2, 16, dropout=0.0), 1,
+                                                enable_nested_tensor=False), nn.Linear(8, 3))
+    model = nn.ModuleDict({"encoder": model[0], "head": model[1]})
+    refusal = (rf"layer '{layer}' runs inside '(encoder|encoder.layers.0|encoder.layers.0.self_attn)', a "
+               r"(TransformerEncoder|TransformerEncoderLayer|MultiheadAttention) with batch_first=False: its outputs are \[T, N, C\]")
+    with pytest.raises(ValueError, match=refusal):
+        ns.NeuronSensitivity(model, layers=layer, channel_dim=-1)
+    with pytest.raises(ValueError, match=refusal):
+        ns.SNSRegularizer(model, layers=layer, k=1, channel_dim=-1)
+    with pytest.raises(ValueError, match=refusal):
+        with intervene(model, layer, [0], channel_dim=-1):
+            pass
+    # Layers outside it, and the same model built batch-first, are measured.
+    ns.NeuronSensitivity(model, layers="head")
+    batch_first = nn.TransformerEncoder(nn.TransformerEncoderLayer(8, 2, 16, batch_first=True), 1, enable_nested_tensor=False)
+    ns.NeuronSensitivity(batch_first, layers=layer.replace("encoder.", "").replace("encoder", "layers.0"), channel_dim=-1)
