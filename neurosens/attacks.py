@@ -27,7 +27,7 @@ from torch import nn
 from .capture import LayerHooks, check_unchanged, eval_mode, version_of
 from .checks import check_metric
 from .env import require
-from .layers import NeuronDims
+from .layers import NeuronDims, eager
 from .ops import neuron_distance_per_sample, stabilize
 from .outputs import LogitsModel, check_logits, logits_of
 from .selection import resolve_k
@@ -287,7 +287,8 @@ class NeuronPGD(PGD):
     def __init__(self, model, eps, alpha=None, steps=10, norm="linf", random_start=True, restarts=1, loss="ce",
                  targeted=False, num_classes=None, clip=PIXELS, logits=None, layers=SNSConfig.layers, k=SNSConfig.k,
                  weight=1.0, metric=SNSConfig.metric, feature_only=False, channel_dim=None, output_index=None):
-        super().__init__(model, eps, alpha, steps, norm, random_start, restarts, loss, targeted, num_classes, clip, logits)
+        super().__init__(eager(model), eps, alpha, steps, norm, random_start, restarts, loss, targeted, num_classes, clip,
+                         logits)  # eager: its layers' hooks must fire
         who = type(self).__name__
         if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not math.isfinite(weight) or weight < 0:
             raise ValueError(f"{who}: weight={weight!r} must be a finite number >= 0")

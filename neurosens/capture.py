@@ -8,7 +8,7 @@ import contextlib
 
 import torch
 
-from .layers import select_layers
+from .layers import check_eager, eager, select_layers
 
 
 def output_tensor(name, output, output_index=None):
@@ -142,6 +142,7 @@ class ActivationCapture(LayerHooks):
     """
 
     def __init__(self, model, layers="auto", auto="conv_linear", output_index=None, detach=True):
+        check_eager(model, "ActivationCapture")
         super().__init__(select_layers(model, layers, auto), self._store, output_index)
         self.detach = detach
         self._kept = {name: [] for name in self.modules}  # layer -> [(output, its version when kept)]
@@ -171,6 +172,7 @@ class ActivationCapture(LayerHooks):
 
 def capture_activations(model, x, layers="auto", auto="conv_linear", output_index=None):
     """Run ``model(x)`` without gradients and return ``{layer name: output}`` of the chosen layers."""
+    model = eager(model)  # hooks fire only in eager code
     with torch.no_grad(), ActivationCapture(model, layers, auto, output_index) as cap:
         model(x)
     return cap.activations

@@ -17,7 +17,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .capture import check_batch_rows, eval_mode, forward_rows, output_tensor
-from .layers import NeuronDims, select_layers
+from .layers import NeuronDims, check_eager, eager, select_layers
 from .checks import check_index_range
 from .env import model_device
 from .evaluation import hits
@@ -49,6 +49,7 @@ def intervene(model, layer, neurons, mode="repair", channel_dim=None, mean=None,
         raise ValueError(f"mode={mode!r} is unknown; expected one of {', '.join(MODES)}")
     if mode == "mean" and mean is None:
         raise ValueError("mode='mean' needs the layer's mean benign output: pass mean=mean_benign_output(...)")
+    check_eager(model, "intervene")
     name, module, neuron_dims = _single_layer(model, layer, channel_dim)
     neurons = torch.as_tensor(neurons, dtype=torch.long).flatten()
     rows = []  # the batch size of the model's latest forward
@@ -104,6 +105,7 @@ def adversarial_batches(model, loader, attack, device=None, max_batches=None, pr
 @torch.no_grad()
 def mean_benign_output(model, batches, layer, output_index=None):
     """The mean over samples of ``layer``'s benign output: a [C, ...] map."""
+    model = eager(model)  # hooks fire only in eager code
     name, module, _ = _single_layer(model, layer)
     total, count, rows = None, 0, None
 
@@ -130,6 +132,7 @@ def accuracies(model, batches, layer=None, neurons=(), mode="repair", channel_di
                logits=None):
     """(benign accuracy, adversarial accuracy) over ``batches`` with the intervention applied."""
     correct_benign = correct_adv = total = 0
+    model = eager(model)  # hooks fire only in eager code
     with eval_mode(model):
         for x, x_adv, y in batches:
             if layer is None:

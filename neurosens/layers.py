@@ -8,6 +8,7 @@ import difflib
 import fnmatch
 from collections import OrderedDict
 
+import torch
 from torch import nn
 
 from . import checks
@@ -66,10 +67,30 @@ def _auto(named, auto):
 _GLOB_CHARS = set("*?[")
 
 
+def eager(model):
+    """The module to run when hooks must fire: a ``torch.compile``'d module's original, since
+    compiled code skips hooks added after it was traced (and would keep stale ones)."""
+    while isinstance(model, torch._dynamo.eval_frame.OptimizedModule):
+        model = model._orig_mod
+    return model
+
+
+def check_eager(model, who):
+    """Refuse a ``torch.compile``'d module where the caller runs the model itself: the hooks that
+    capture or edit its layers would not fire in compiled code."""
+    if eager(model) is not model:
+        raise ValueError(f"{who}: the model is torch.compile'd, and compiled code skips the hooks that see its layers; "
+                         "pass the original module (model._orig_mod) and run that one inside the block")
+
+
 def unwrap(model):
-    """The module whose names the user sees: DataParallel/DDP wrappers add a ``module.`` prefix."""
+    """The module whose names the user sees: DataParallel/DDP wrappers add a ``module.`` prefix
+    and ``torch.compile`` an ``_orig_mod.`` one."""
     wrappers = (nn.DataParallel, nn.parallel.DistributedDataParallel)
-    return model.module if isinstance(model, wrappers) else model
+    model = eager(model)
+    while isinstance(model, wrappers):
+        model = eager(model.module)
+    return model
 
 
 def _describe(spec):

@@ -19,7 +19,7 @@ import torch.distributed as dist
 from tqdm.auto import tqdm
 
 from .capture import LayerHooks, check_batch_rows, eval_mode
-from .layers import NeuronDims, select_layers, unwrap
+from .layers import NeuronDims, eager, select_layers, unwrap
 from .checks import check_metric
 from .env import model_device
 from .evaluation import hits
@@ -62,7 +62,7 @@ class NeuronSensitivity:
     def __init__(self, model, layers="auto", metric="l1", channel_dim=None, relative=False, auto="conv_linear",
                  output_index=None, logits=None):
         check_metric(metric, "NeuronSensitivity", relative=relative)
-        self.model = model
+        self.model = eager(model)  # hooks fire only in eager code
         self.modules = select_layers(model, layers, auto)
         self.neuron_dims = NeuronDims(model, self.modules, channel_dim, "NeuronSensitivity")
         self.metric = metric

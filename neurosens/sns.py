@@ -34,7 +34,7 @@ import torch.distributed as dist
 
 from .capture import LayerHooks, check_batch_rows, check_unchanged, forward_rows, version_of
 from .checks import check_metric
-from .layers import NeuronDims, select_layers, unwrap
+from .layers import NeuronDims, check_eager, select_layers, unwrap
 from .ops import neuron_distance, stabilize
 from .pairing import FORWARDS, SharedDropout
 from .reference import METRICS
@@ -161,6 +161,7 @@ class SNSRegularizer:
     def __init__(self, model, layers=SNSConfig.layers, k=SNSConfig.k, lam=SNSConfig.lam, metric=SNSConfig.metric,
                  select_metric=SNSConfig.select_metric, refresh=SNSConfig.refresh, detach_benign=SNSConfig.detach_benign,
                  select=SNSConfig.select, seed=SNSConfig.seed, channel_dim=None, auto="conv_linear", output_index=None):
+        check_eager(model, "SNS")
         self.root = unwrap(model)
         self.modules = sns_layers(self.root, layers, auto)
         SNSConfig(layers=layers, k=k, lam=lam, metric=metric, select_metric=select_metric, refresh=refresh,

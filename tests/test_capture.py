@@ -2,6 +2,7 @@ import pytest
 import torch
 from torch import nn
 
+import neurosens as ns
 from neurosens.capture import ActivationCapture, LayerHooks, capture_activations, output_tensor
 from neurosens.layers import NeuronDims, select_layers
 
@@ -178,3 +179,31 @@ def test_layer_hooks_pass_each_output():
     assert seen == [("fc", (3, 3))]
     assert hooks.calls == {"fc": 1, "unused": 0}
     assert hook_counts(net) == 0
+
+
+def test_a_compiled_model_is_measured_through_its_original_module():
+    from neurosens.attacks import NeuronPGD
+    from neurosens.capture import capture_activations
+    from neurosens.interventions import accuracies, intervene
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(144, 3)).eval()
+    compiled = torch.compile(model, backend="eager")
+    x = torch.rand(4, 1, 8, 8, generator=torch.Generator().manual_seed(1))
+    x_adv, y = (x + 0.1).clamp(0, 1), torch.tensor([0, 1, 2, 0])
+    with torch.no_grad():
+        compiled(torch.cat([x, x_adv]))  # traced before any hook exists, as in a user's loop
+    report, plain = ns.measure(compiled, [(x, x_adv, y)], progress=False), ns.measure(model, [(x, x_adv, y)], progress=False)
+    assert report.layers == ["0", "3"]
+    for name in report.layers:
+        assert torch.equal(report[name], plain[name])
+    assert torch.equal(capture_activations(compiled, x, layers="0")["0"], model[0](x))
+    attack = NeuronPGD(compiled, 0.1, layers="0", k=2, feature_only=True)
+    assert torch.equal(attack.objective(x, x_adv, y), NeuronPGD(model, 0.1, layers="0", k=2, feature_only=True).objective(x, x_adv, y))
+    batches = [(x, x_adv, y)]
+    assert accuracies(compiled, batches, "0", [0, 1]) == accuracies(model, batches, "0", [0, 1])
+    refusal = r"the model is torch.compile'd, and compiled code skips the hooks that see its layers; pass the original module"
+    for make in (lambda: ns.SNSRegularizer(compiled, k=1), lambda: ActivationCapture(compiled, "0"),
+                 lambda: intervene(compiled, "0", [0]).__enter__()):
+        with pytest.raises(ValueError, match=refusal):
+            make()
