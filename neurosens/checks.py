@@ -17,6 +17,13 @@ def check_metric(metric, where, arg="metric", relative=False):
         raise ValueError(f"{where}: relative=True is not defined for metric='cosine' (the cosine is already scale-free)")
 
 
+def check_flag(value, where, arg):
+    """A yes/no option must be a bool: None or 1.0 would pass Python's truth test and mean something."""
+    if not isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"{where}: {arg}={value!r} must be True or False")
+    return bool(value)
+
+
 def integer(value):
     """``value`` as a Python int when it is one: an int, a numpy integer or a 0-d integer tensor;
     None for anything else, bools included (True is not the index 1)."""

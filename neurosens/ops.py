@@ -14,7 +14,7 @@ from typing import NamedTuple
 import torch
 
 from . import extension, reference
-from .checks import check_index_range, check_metric, check_pair
+from .checks import check_flag, check_index_range, check_metric, check_pair
 from .registration import register
 from .selection import TopK, resolve_k
 
@@ -23,13 +23,25 @@ _C = extension.EXTENSION
 
 
 class NeuronDistance(NamedTuple):
-    """Per-neuron sums of a distance over ``count`` samples; add them up across batches."""
+    """Per-neuron sums of a distance over ``count`` samples; ``+`` (and ``sum()``) adds batches up."""
 
     sum: torch.Tensor
     count: int
 
     def mean(self):
         return self.sum / self.count
+
+    def __add__(self, other):
+        if not isinstance(other, NeuronDistance):
+            return NotImplemented
+        if self.sum.shape != other.sum.shape:
+            raise ValueError(f"NeuronDistance: sums over {self.sum.numel()} and {other.sum.numel()} neurons cannot be "
+                             "added: they come from different layers")
+        return NeuronDistance(self.sum + other.sum, self.count + other.count)
+
+    def __radd__(self, other):
+        # sum() starts from 0.
+        return self if isinstance(other, int) and not isinstance(other, bool) and other == 0 else NotImplemented
 
 
 def _use_extension(t):
@@ -40,11 +52,13 @@ def neuron_distance(a, b, metric="l1", channel_dim=1, relative=False):
     """Per-neuron distance between benign ``a`` and adversarial ``b``, summed over the batch.
 
     Returns ``NeuronDistance(sum, count)``: ``sum`` is a [C] float32 (float64 for float64 inputs)
-    tensor, ``count`` the number of samples, so sums of several batches add up exactly. One read
+    tensor, ``count`` the number of samples; ``+`` adds the results of several batches (the same
+    sum as one call on all of them, up to float32 rounding in the last bits). One read
     of a and b; no activation-sized temporary. Not differentiable.
     """
     op = "neurosens.neuron_distance"
     cdim = check_pair(a, b, channel_dim, op)
+    relative = check_flag(relative, op, "relative")
     check_metric(metric, op, relative=relative)
     a, b = a.detach(), b.detach()
     if _use_extension(a):
@@ -58,6 +72,7 @@ def neuron_distance_per_sample(a, b, metric="l1", channel_dim=1, relative=False)
     """[N, C] distance of every neuron for every sample (one read of a and b). Not differentiable."""
     op = "neurosens.neuron_distance_per_sample"
     cdim = check_pair(a, b, channel_dim, op)
+    relative = check_flag(relative, op, "relative")
     check_metric(metric, op, relative=relative)
     a, b = a.detach(), b.detach()
     if _use_extension(a):
@@ -74,7 +89,9 @@ def neuron_topk(a, b, k=0.1, metric="l1", channel_dim=1, relative=False, largest
     """
     op = "neurosens.neuron_topk"
     cdim = check_pair(a, b, channel_dim, op)
+    relative = check_flag(relative, op, "relative")
     check_metric(metric, op, relative=relative)
+    largest = check_flag(largest, op, "largest")
     k = resolve_k(k, a.shape[cdim], op)
     a, b = a.detach(), b.detach()
     if _use_extension(a):
@@ -96,6 +113,7 @@ def stabilize(a, b, k=None, indices=None, metric="l1", select_metric="l1", chann
     op = "neurosens.stabilize"
     cdim = check_pair(a, b, channel_dim, op)
     check_metric(metric, op)
+    return_indices = check_flag(return_indices, op, "return_indices")
     num_neurons = a.shape[cdim]
     if (k is None) == (indices is None):
         raise ValueError(f"{op}: give exactly one of k (how many neurons to select) and indices (which ones)")

@@ -4,8 +4,10 @@ Ties go to the lower neuron index, whoever computed the values, so a ranking is 
 backend and every run. Nothing here needs the compiled extension: reading a saved report and
 ranking its neurons stays pure PyTorch.
 """
+import math
 from typing import NamedTuple
 
+import numpy as np
 import torch
 
 from .checks import integer
@@ -17,12 +19,13 @@ class TopK(NamedTuple):
 
 
 def resolve_k(k, num_neurons=None, op="neurosens", what="k"):
-    """A neuron count from ``k``: an int in [1, C], or a float fraction in (0, 1] of C (at least 1).
+    """A neuron count from ``k``: an int in [1, C], or a float fraction in (0, 1] of C, rounded to
+    the nearest count with halves up (10% of 25 neurons is 3) and at least 1.
 
     With ``num_neurons=None`` (a layer not built yet) only the form of ``k`` is checked and None
     is returned.
     """
-    if isinstance(k, torch.Tensor) and k.dim() == 0 and k.is_floating_point():
+    if isinstance(k, (np.floating, torch.Tensor)) and np.ndim(k) == 0 and (isinstance(k, np.floating) or k.is_floating_point()):
         k = float(k)
     if not isinstance(k, float):
         count = integer(k)
@@ -33,7 +36,8 @@ def resolve_k(k, num_neurons=None, op="neurosens", what="k"):
         k = float(k)
         if not 0.0 < k <= 1.0:
             raise ValueError(f"{op}: {what}={k} as a fraction must be in (0, 1]")
-        return None if num_neurons is None else max(1, round(k * num_neurons))
+        # Halves up: Python's round() sends 2.5 to 2 and 3.5 to 4.
+        return None if num_neurons is None else max(1, math.floor(k * num_neurons + 0.5))
     if num_neurons is None:
         if k < 1:
             raise ValueError(f"{op}: {what}={k} must be at least 1")

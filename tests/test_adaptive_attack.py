@@ -2,6 +2,7 @@
 against an independent computation: hooks and plain PyTorch, per-sample loops, closed forms."""
 import importlib.util
 import json
+import math
 
 import pytest
 import torch
@@ -40,7 +41,7 @@ def feature_by_hand(model, x, x_adv, names, k):
     for n in names:
         diff = (benign[n] - adv[n]).abs()
         dist = diff.flatten(2).mean(2) if diff.dim() > 2 else diff  # [N, C]
-        count = max(1, round(k * dist.shape[1]))
+        count = max(1, math.floor(k * dist.shape[1] + 0.5))
         chosen = sorted(range(dist.shape[1]), key=lambda c: (-dist[:, c].mean().item(), c))[:count]
         terms.append(dist[:, chosen].mean(1))
     return logits, torch.stack(terms).mean(0)

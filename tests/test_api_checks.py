@@ -100,3 +100,35 @@ def test_compare_handles_nan_layer_means():
     assert table.means["fine"]["all layers"] == 1.0
     assert math.isnan(table.means["nan"]["all layers"])
     assert math.isnan(table.ratio("nan", "a"))
+
+
+def test_yes_no_options_must_be_bools():
+    a, b = torch.randn(4, 6, 3), torch.randn(4, 6, 3)
+    for call, arg in ((lambda v: ops.neuron_topk(a, b, 2, largest=v), "largest"),
+                      (lambda v: ops.neuron_topk(a, b, 2, relative=v), "relative"),
+                      (lambda v: ops.neuron_distance(a, b, relative=v), "relative"),
+                      (lambda v: ops.neuron_distance_per_sample(a, b, relative=v), "relative"),
+                      (lambda v: ops.stabilize(a, b, k=2, return_indices=v), "return_indices")):
+        for value in (None, 1.0, "yes"):
+            with pytest.raises(TypeError, match=rf"{arg}={value!r} must be True or False"):
+                call(value)
+    assert torch.equal(ops.neuron_topk(a, b, 2, largest=np.bool_(False)).indices, ops.neuron_topk(a, b, 2, largest=False).indices)
+
+
+def test_distances_of_batches_add_up_with_plus_and_sum():
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.randn(7, 5, 3, generator=g, dtype=torch.float64), torch.randn(7, 5, 3, generator=g, dtype=torch.float64)
+    parts = [ops.neuron_distance(a[i:j], b[i:j]) for i, j in ((0, 2), (2, 3), (3, 7))]
+    whole = ops.neuron_distance(a, b)
+    for total in (parts[0] + parts[1] + parts[2], sum(parts)):
+        assert isinstance(total, ops.NeuronDistance) and total.count == 7
+        torch.testing.assert_close(total.sum, whole.sum, rtol=1e-12, atol=0)
+        torch.testing.assert_close(total.mean(), (a - b).abs().mean(2).mean(0), rtol=1e-12, atol=0)
+    with pytest.raises(ValueError, match=r"sums over 5 and 4 neurons cannot be added"):
+        whole + ops.neuron_distance(a[:, :4], b[:, :4])
+
+
+@pytest.mark.parametrize("k,neurons,count", [(0.1, 25, 3), (0.1, 35, 4), (0.5, 5, 3), (0.3, 16, 5), (0.1, 64, 6),
+                                             (0.01, 10, 1), (np.float32(0.5), 10, 5), (torch.tensor(0.25), 10, 3)])
+def test_a_fraction_of_k_rounds_to_the_nearest_count_with_halves_up(k, neurons, count):
+    assert resolve_k(k, neurons) == count

@@ -1,4 +1,6 @@
 """The SNS regularizer against a plain-PyTorch rendering of the same loss."""
+import math
+
 import pytest
 import torch
 from torch import nn
@@ -41,7 +43,7 @@ def reference_loss(net, x, x_adv, layers, k, lam, metric, select_metric):
     for name in layers:
         a, b = acts[name]
         C = a.shape[1]
-        kk = max(1, round(k * C)) if isinstance(k, float) else k
+        kk = max(1, math.floor(k * C + 0.5)) if isinstance(k, float) else k
         terms.append(reference.stabilize(a, b, k=kk, metric=metric, select_metric=select_metric)[0])
     return lam * torch.stack(terms).mean()
 

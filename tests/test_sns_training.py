@@ -1,4 +1,5 @@
 """SNS as a training method: equivalences, gradients, option checks, resume and DDP."""
+import math
 
 import pytest
 import torch
@@ -54,7 +55,7 @@ def test_step_gradient_is_adversarial_ce_plus_the_reference_term(metric):
     logits, logits_adv = model(x), model(x_adv)
     for h in hooks:
         h.remove()
-    terms = [reference.stabilize(a, b, k=max(1, round(k * a.shape[1])), metric=metric, select_metric="l1")[0]
+    terms = [reference.stabilize(a, b, k=max(1, math.floor(k * a.shape[1] + 0.5)), metric=metric, select_metric="l1")[0]
              for a, b in acts.values()]
     expected_loss = F.cross_entropy(logits_adv, y) + lam * torch.stack(terms).mean() + 0.5 * F.cross_entropy(logits, y)
     expected = torch.autograd.grad(expected_loss, list(model.parameters()))
@@ -175,7 +176,7 @@ def test_default_sns_step_is_ce_plus_lam_times_a_hand_written_l1_term():
     terms = []
     for a, b in acts.values():
         dist_each = l1_per_neuron(a, b)
-        k = round(0.3 * a.shape[1])
+        k = math.floor(0.3 * a.shape[1] + 0.5)
         picked = dist_each.detach().mean(0).argsort(descending=True)[:k]
         terms.append(dist_each[:, picked].mean())
     expected = F.cross_entropy(logits_adv, y) + 1.5 * sum(terms) / 3
@@ -234,7 +235,7 @@ def test_ddp_selection_is_the_top_k_of_the_whole_batch(tmp_path):
         for name in DDP_LAYERS:
             a, b = acts[name]
             dist_each = l1_per_neuron(a, b)
-            k = round(0.25 * a.shape[1])
+            k = math.floor(0.25 * a.shape[1] + 0.5)
             whole = dist_each.mean(0).sort(descending=True)
             assert whole.values[k - 1] - whole.values[k] > 1e-9, "no tie at the k-th neuron"
             expected = whole.indices[:k]

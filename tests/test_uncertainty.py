@@ -146,7 +146,7 @@ def test_split_half_overlap_against_a_hand_computation():
         assert list(got) == LAYERS
         for name in LAYERS:
             d = by_hand[name]
-            count = k if isinstance(k, int) else max(1, round(k * d.shape[1]))
+            count = k if isinstance(k, int) else max(1, math.floor(k * d.shape[1] + 0.5))
             expected = len(top_set(d[0::2].mean(0), count) & top_set(d[1::2].mean(0), count)) / count
             assert got[name] == pytest.approx(expected)
     assert set(report.split_half_overlap(1.0).values()) == {1.0}  # every neuron in both halves' top
@@ -176,7 +176,7 @@ def test_two_attack_seeds():
         got = ns.topk_overlap(a, b, k)
         assert list(got) == a.layers
         for name in a.layers:
-            count = k if isinstance(k, int) else max(1, round(k * a[name].numel()))
+            count = k if isinstance(k, int) else max(1, math.floor(k * a[name].numel() + 0.5))  # halves up
             expected = len(top_set(a[name].numpy(), count) & top_set(b[name].numpy(), count)) / count
             assert got[name] == pytest.approx(expected)
     assert set(topk_overlap(a, a).values()) == {1.0}
