@@ -132,3 +132,18 @@ def test_distances_of_batches_add_up_with_plus_and_sum():
                                              (0.01, 10, 1), (np.float32(0.5), 10, 5), (torch.tensor(0.25), 10, 3)])
 def test_a_fraction_of_k_rounds_to_the_nearest_count_with_halves_up(k, neurons, count):
     assert resolve_k(k, neurons) == count
+
+
+def test_raw_ops_given_meta_and_real_tensors_check_their_arguments():
+    a, b = torch.randn(4, 6, 3), torch.randn(4, 6, 3)
+    meta = torch.device("meta")
+    with pytest.raises(RuntimeError, match=r"neurosens.neuron_topk: a and b must be on the same device, got a on cpu and b on meta"):
+        torch.ops.neurosens.neuron_topk(a, b.to(meta), 2)
+    with pytest.raises(ValueError, match=r"neurosens.neuron_topk: k=100 is out of range: the layer has 6 neurons"):
+        torch.ops.neurosens.neuron_topk(a.to(meta), b.to(meta), 100)
+    with pytest.raises(ValueError, match=r"neurosens.stabilize: indices must be a 1-D int64 tensor of k=2 entries on cpu"):
+        torch.ops.neurosens.stabilize(a, b, torch.tensor([1, 2], device=meta), 2)
+    with pytest.raises(ValueError, match=r"neurosens.neuron_distance: unknown metric='l3'"):
+        torch.ops.neurosens.neuron_distance(a.to(meta), b.to(meta), "l3")
+    values, indices = torch.ops.neurosens.neuron_topk(a.to(meta), b.to(meta), 2, "l1", -1)
+    assert values.shape == indices.shape == (2,) and values.device == meta
