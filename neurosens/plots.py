@@ -6,6 +6,7 @@ global backend or open a window.
 import math
 import os
 
+import numpy as np
 import torch
 
 from .report import Z95, as_reports, ensure_parent, union_layers
@@ -115,13 +116,17 @@ def plot_histograms(reports, labels=None, layers=None, path=None, bins=30):
     fig = _figure(3.0 * cols + 0.5, 2.4 * rows + 0.6)
     axes = fig.subplots(rows, cols, squeeze=False).ravel()
     for ax, layer in zip(axes, layers):
-        present = [(label, r[layer]) for label, r in zip(labels, reports) if layer in r]
-        lo = min(v.min().item() for _, v in present)
-        hi = max(v.max().item() for _, v in present)
-        edges = torch.linspace(lo, hi if hi > lo else lo + 1e-12, bins + 1).tolist()
-        for label, v in present:
+        present = [(label, r[layer].double()) for label, r in zip(labels, reports) if layer in r]
+        finite = [(label, v[torch.isfinite(v)]) for label, v in present]
+        values = torch.cat([v for _, v in finite])
+        lo, hi = (values.min().item(), values.max().item()) if values.numel() else (0.0, 1.0)
+        # float64 edges from the float64 extremes: float32 ones could leave the smallest value out.
+        edges = np.linspace(lo, hi if hi > lo else lo + 1e-12, bins + 1)
+        for label, v in finite:
             ax.hist(v.numpy(), bins=edges, alpha=0.6 if len(present) > 1 else 0.9, label=label)
-        ax.set_title(f"{_wrap(layer)} ({present[0][1].numel()} neurons)", fontsize=9)
+        dropped = max(v.numel() - f.numel() for (_, v), (_, f) in zip(present, finite))
+        note = f", {dropped} not finite" if dropped else ""
+        ax.set_title(f"{_wrap(layer)} ({present[0][1].numel()} neurons{note})", fontsize=9)
         ax.tick_params(labelsize=7)
         ax.locator_params(axis="x", nbins=4)
     for ax in axes[len(layers):]:

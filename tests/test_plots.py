@@ -61,3 +61,18 @@ def test_compare_keeps_small_ratios_readable():
     robust = SensitivityReport({"a": torch.full((4,), 0.0047, dtype=torch.float64)}, {"metric": "l1"})
     text = ns.compare([base, robust], ["standard", "robust"]).to_markdown()
     assert "| a | 1 | 0.0047 | 0.0047x |" in text
+
+
+def test_histograms_count_every_neuron_and_say_how_many_are_not_finite():
+    # The helper's values: float32 edges from these float64 extremes left the smallest one out.
+    values = torch.tensor([0.015230000000000001, 0.02, 0.0301, 0.1, 0.0404, 0.5, 0.33333333333333331] * 2 + [0.9, 1e-9],
+                          dtype=torch.float64)
+    fig = ns.plot_histograms(SensitivityReport({"conv": values}, {"metric": "l1"}))
+    ax = fig.axes[0]
+    assert sum(p.get_height() for p in ax.patches) == 16
+    nan = values.clone()
+    nan[[3, 5]] = float("nan")
+    nan[7] = float("inf")
+    fig = ns.plot_histograms(SensitivityReport({"conv": nan}, {"metric": "l1"}))
+    assert sum(p.get_height() for p in fig.axes[0].patches) == 13
+    assert fig.axes[0].get_title() == "conv (16 neurons, 3 not finite)"
