@@ -8,11 +8,13 @@ import hashlib
 import os
 import pickle
 import random
+import warnings
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from .capture import eval_mode
 from .models import build_model
 
 
@@ -91,8 +93,11 @@ def load_checkpoint(path, device="cpu"):
     if os.path.getsize(path) == 0:
         raise ValueError(f"{path}: the checkpoint file is empty")
     try:
-        state = torch.load(path, map_location=device, weights_only=True)
-    except (RuntimeError, pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError) as err:
+        with warnings.catch_warnings():
+            # torch's note on the pickle protocol of a file it then refuses adds nothing to the one line below.
+            warnings.simplefilter("ignore", UserWarning)
+            state = torch.load(path, map_location=device, weights_only=True)
+    except (RuntimeError, OSError, pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError) as err:
         reason = str(err).strip().splitlines()[0].split(". ")[0] if str(err).strip() else type(err).__name__
         raise ValueError(f"{path}: not a readable checkpoint ({reason})") from None
     if not isinstance(state, dict) or "model" not in state:
@@ -101,6 +106,20 @@ def load_checkpoint(path, device="cpu"):
         raise ValueError(f"{path}: the weights' checksum does not match the one recorded when it was written; "
                          "the file is corrupt")
     return state
+
+
+def check_fits(model, dataset, source):
+    """One image of ``dataset`` through ``model`` before any long work, so a model built for other
+    inputs (a digits model asked about MNIST) fails with one line naming both."""
+    device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    x = dataset[0][0].unsqueeze(0).to(device)
+    try:
+        with torch.no_grad(), eval_mode(model):
+            model(x)
+    except RuntimeError as err:
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ValueError(f"{source}: the model does not take the {dataset.name} images of shape "
+                         f"{list(x.shape[1:])} ({reason})") from None
 
 
 def trained_on(state, source, data=None):

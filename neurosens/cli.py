@@ -35,7 +35,7 @@ def build_parser():
 def main(argv=None):
     """Run a command. A user's error (a ValueError or OSError, such as a missing or corrupt file,
     or an optional package a chosen feature needs) ends it with ``SystemExit("neurosens <command>: <one line>")``: that line on stderr and exit
-    status 1, not a traceback."""
+    status 1, not a traceback. Ctrl-C ends it with one line and status 130."""
     args = build_parser().parse_args(argv)
     try:
         if env_flag("NEUROSENS_KEEP_FREED_MEMORY", default=True):
@@ -45,6 +45,10 @@ def main(argv=None):
         return args._run(args) or 0
     except (ValueError, OSError, MissingDependency) as err:
         raise SystemExit(f"neurosens {args.command}: " + " ".join(str(err).split())) from None
+    except KeyboardInterrupt:
+        more = "; rerun with --resume to continue from the last checkpoint" if args.command == "train" else ""
+        sys.stderr.write(f"neurosens {args.command}: interrupted{more}\n")
+        return 130
 
 
 if __name__ == "__main__":

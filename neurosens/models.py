@@ -18,6 +18,8 @@ Layer names (what ``model.named_modules()`` gives, and what sensitivity and SNS 
 
 ``shortcut`` is an empty ``nn.Sequential`` (identity) unless the block changes shape.
 """
+import inspect
+
 import torch
 from torch import nn
 
@@ -309,5 +311,11 @@ def build_model(name, num_classes=10, in_channels=3, input_size=32, mean=None, s
         raise ValueError(f"architecture {name!r} is unknown; expected one of {', '.join(MODELS)}")
     if mean is not None and len(mean) != in_channels:
         raise ValueError(f"mean has {len(mean)} values but in_channels={in_channels}")
+    known = [p for p in inspect.signature(MODELS[name]).parameters
+             if p not in ("self", "num_classes", "in_channels", "input_size", "mean", "std")]
+    unknown = sorted(set(options) - set(known))
+    if unknown:
+        raise ValueError(f"architecture {name!r} takes no option {', '.join(unknown)}; "
+                         f"its options: {', '.join(known) or 'none'}")
     return MODELS[name](num_classes=num_classes, in_channels=in_channels, input_size=input_size,
                         mean=mean, std=std, **options)

@@ -25,6 +25,10 @@ def logits_of(output, logits=None, who="model"):
         keys = f" with keys {', '.join(map(repr, output))}" if isinstance(output, dict) else ""
         raise ValueError(f"{who}: the model returned a {type(output).__name__}{keys}, not a logits tensor; "
                          "say where the logits are with logits= (a key, an index or a callable)")
+    if isinstance(output, torch.Tensor) and not callable(logits):
+        # Indexing the logits tensor itself would silently pick one sample's row.
+        raise ValueError(f"{who}: logits={logits!r} was given, but the model returned a tensor, which is taken as the "
+                         "logits; leave logits out")
     try:
         found = logits(output) if callable(logits) else output[logits]
     except (KeyError, IndexError, TypeError) as err:

@@ -126,6 +126,11 @@ class TrainConfig:
         for name in ("eps", "eps_warmup", "momentum", "weight_decay", "beta", "alp_lam"):
             if not math.isfinite(getattr(self, name)) or getattr(self, name) < 0:
                 raise ValueError(f"{name}={getattr(self, name)!r}: must be a finite number >= 0")
+        if self.momentum >= 1:
+            raise ValueError(f"momentum={self.momentum!r}: must be below 1 (SGD diverges at 1 and above)")
+        if self.eps_warmup > self.epochs:
+            raise ValueError(f"eps_warmup={self.eps_warmup!r}: the run has only {self.epochs} epochs, so eps would never "
+                             "reach its value; give at most epochs")
         if self.alp_distance not in ALP_DISTANCES:
             raise ValueError(f"alp_distance={self.alp_distance!r} is unknown; expected one of {', '.join(ALP_DISTANCES)}")
         if self.eval_limit < 0:

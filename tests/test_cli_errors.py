@@ -18,6 +18,7 @@ def files(tmp_path_factory):
     (root / "empty.pt").write_bytes(b"")
     (root / "corrupt.pt").write_bytes(b"PK\x03\x04" + bytes(range(256)))
     (root / "a-file").write_text("x")
+    (root / "truncated.pt").write_bytes(model.read_bytes()[: model.stat().st_size // 2])
     (root / "no-data").mkdir()
     return root
 
@@ -65,10 +66,23 @@ CASES = [
     (TRAIN + ["--threads", "0"], "--threads"),
     (TRAIN + ["--lr", "nan"], "--lr"),
     (["train", "--data", "mnist", "--root", "@no-data", "--out", "@run-new"], "mnist"),
+    (TRAIN + ["--out", ""], "--out"),
+    (TRAIN + ["--out", "@run"], "holds a run already (model.pt); --resume continues it, --overwrite starts it over"),
+    (TRAIN + ["--out", "@run", "--resume", "--overwrite"], "give one"),
+    (TRAIN + ["--momentum", "1"], "momentum=1.0: must be below 1"),
+    (TRAIN + ["--eps-warmup", "5"], "eps_warmup=5.0: the run has only 1 epochs"),
+    (TRAIN + ["--train-limit", "100000"], "--train-limit 100000: the digits8 training images number 1500"),
+    (TRAIN + ["--arch", "resnet18", "--width", "4"], "architecture 'resnet18' takes no option width"),
     # eval (PGD only: without torchattacks, asking for AutoAttack is refused before the model is read)
     (["eval", "@missing.pt", "--attacks", "pgd", "--eps", "0.1"], "missing.pt"),
     (["eval", "@empty.pt", "--attacks", "pgd", "--eps", "0.1"], "empty.pt"),
     (["eval", "@corrupt.pt", "--attacks", "pgd", "--eps", "0.1"], "corrupt.pt"),
+    (["eval", "@truncated.pt", "--attacks", "pgd", "--eps", "0.1"], "truncated.pt: not a readable checkpoint"),
+    (EVAL + ["-n", "100000"], "-n/--samples 100000: the digits split has 297 images"),
+    (EVAL + ["--logits", "3"], "logits=3 was given, but the model returned a tensor"),
+    (EVAL + ["--data", "synthetic-mnist"], "model.pt: the model does not take the synthetic images of shape [1, 28, 28]"),
+    (SENS + ["--data", "synthetic-mnist"], "the model does not take the synthetic images"),
+    (REPORT + ["--data", "synthetic-mnist"], "the model does not take the synthetic images"),
     (EVAL + ["--json", "@nowhere/out.json"], "--json"),
     (EVAL + ["-n", "-5"], "--samples"),
     (EVAL + ["--num", "5"], "-n/--samples"),
@@ -80,6 +94,7 @@ CASES = [
     (EVAL + ["--device", "foo"], "--device"),
     (EVAL + ["--threads", "0"], "--threads"),
     (EVAL + ["--attacks", "clean,nope"], "--attacks"),
+    (EVAL + ["--attacks", " , "], "--attacks: no attack given"),
     # sensitivity
     (SENS + ["--out", "@a-file"], "--out"),
     (SENS + ["--samples", "-1"], "--samples"),
@@ -142,3 +157,14 @@ def test_sensitivity_without_torchattacks_says_how_to_install(files, capsys, mon
     monkeypatch.setitem(sys.modules, "torchattacks", None)
     line = one_line_error(capsys, sub(files, SENS + ["--attack", attack, "--eps", "0.1"]))
     assert "needs the optional package torchattacks" in line and "pip install 'neurosens[attacks]'" in line
+
+
+def test_ctrl_c_is_one_line_and_status_130(files, capsys, monkeypatch):
+    import neurosens.commands.eval as command
+
+    def interrupted(args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(command, "run", interrupted)
+    assert main(sub(files, EVAL)) == 130
+    assert capsys.readouterr().err == "neurosens eval: interrupted\n"

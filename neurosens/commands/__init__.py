@@ -60,6 +60,8 @@ def device(text):
 
 def out_dir(text):
     """A folder to write into: it may exist, but not as a file."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("give a folder name (an empty one would write into the current folder)")
     if Path(text).exists() and not Path(text).is_dir():
         raise argparse.ArgumentTypeError(f"{text} is a file, not a folder")
     return text
@@ -105,10 +107,11 @@ def add_root(parser):
 
 
 def add_samples(parser, default):
-    """How many images a command reads: the first N of the split, 0 for all."""
-    shown = "all" if default == 0 else default
-    parser.add_argument("-n", "--samples", type=count_or_zero, default=default, metavar="N",
+    """How many images a command reads: the first N of the split, 0 for all (see :func:`first_samples`)."""
+    shown = "all" if default == 0 else f"{default}, or all of a smaller split"
+    parser.add_argument("-n", "--samples", type=count_or_zero, default=None, metavar="N",
                         help=f"use the first N images of the split, 0 for all (default: {shown})")
+    parser.set_defaults(samples_default=default)
     renamed(parser, "--num", "-n/--samples")
 
 
@@ -160,3 +163,14 @@ def renamed(parser, old, new, nargs=None):
             parser.error(f"{option_string} is now {new}")
 
     parser.add_argument(old, action=Renamed, nargs=nargs, help=argparse.SUPPRESS)
+
+
+def first_samples(dataset, args):
+    """The first ``-n`` images of ``dataset`` (0: all of them). More than it has is refused when
+    given, not clipped; the command's default takes what a smaller split has."""
+    if args.samples is None:
+        return dataset.first(args.samples_default)
+    if args.samples > len(dataset):
+        raise ValueError(f"-n/--samples {args.samples}: the {dataset.name} split has {len(dataset)} images; give at "
+                         "most that, or 0 for all")
+    return dataset.first(args.samples)

@@ -93,12 +93,15 @@ def run(args):
     import torch
 
     from .. import data as datasets
+    from . import first_samples
     from ..attacks import make_attack, require_torchattacks
-    from ..checkpoint import load_checkpoint, model_from_state, trained_on, training_eps
+    from ..checkpoint import check_fits, load_checkpoint, model_from_state, trained_on, training_eps
     from ..env import default_device
     from ..evaluation import check_masking_options, evaluate, masking_checks, survived_all
 
     names = [a.strip() for a in args.attacks.split(",") if a.strip()]
+    if not names:
+        raise SystemExit(f"--attacks: no attack given; choose from {', '.join(CHOICES)}")
     unknown = sorted(set(names) - set(CHOICES))
     if unknown:
         raise SystemExit(f"--attacks: unknown {', '.join(unknown)}; choose from {', '.join(CHOICES)}")
@@ -130,7 +133,8 @@ def run(args):
         name, model, eps, args.norm, args.alpha, args.steps, args.restarts, num_classes, args.seed, logits=args.logits,
         **options.get(name, {}))
         for name in names if name != "clean"}
-    test_set = datasets.load(data_name, train=False, root=args.root).first(args.samples)
+    test_set = first_samples(datasets.load(data_name, train=False, root=args.root), args)
+    check_fits(model, test_set, args.model)
     loader = datasets.make_loader(test_set, args.batch_size)
 
     rows, hits = {}, {}

@@ -28,8 +28,9 @@ def run(args):
     import torch
 
     from .. import data as datasets
+    from . import first_samples
     from ..study import run_study
-    from ..checkpoint import load_checkpoint, model_from_state, trained_on, training_eps
+    from ..checkpoint import check_fits, load_checkpoint, model_from_state, trained_on, training_eps
     from ..env import default_device
 
     labels = args.labels or [os.path.basename(os.path.dirname(os.path.abspath(p))) for p in args.models]
@@ -51,7 +52,9 @@ def run(args):
                              + ", ".join(f"{path}: {eps:g}" for path, eps in trained.items()) + "); give --eps")
     eps = training_eps(states[0], args.models[0], args.eps)
     models = {label: model_from_state(state, path, device) for label, path, state in zip(labels, args.models, states)}
-    test_set = datasets.load(data_name, train=False, root=args.root).first(args.samples)
+    test_set = first_samples(datasets.load(data_name, train=False, root=args.root), args)
+    for path, model in zip(args.models, models.values()):
+        check_fits(model, test_set, path)
     summary = run_study(models, test_set, eps, args.out, layers=args.layers, intervention_model=args.intervene_on,
                         intervention_layer=args.intervene_layer, seeds=args.seeds, steps=args.steps,
                         title=f"neurosens report ({data_name}, eps {eps:g})", logits=args.logits)

@@ -62,8 +62,9 @@ def run(args):
     import torch
 
     from .. import data
+    from . import first_samples
     from ..attacks import make_attack
-    from ..checkpoint import load_checkpoint, model_from_state, trained_on, training_eps
+    from ..checkpoint import check_fits, load_checkpoint, model_from_state, trained_on, training_eps
     from ..env import default_device
     from ..plots import save_plots
     from ..report import SensitivityReport, compare
@@ -75,8 +76,9 @@ def run(args):
         state = load_checkpoint(args.model)
         data_name = trained_on(state, args.model, args.data)
         eps = training_eps(state, args.model, args.eps)
-        dataset = data.load(data_name, train=args.split == "train", root=args.root).first(args.samples)
+        dataset = first_samples(data.load(data_name, train=args.split == "train", root=args.root), args)
         model = model_from_state(state, args.model, device, args.arch, dataset)
+        check_fits(model, dataset, args.model)
     except (ValueError, FileNotFoundError, RuntimeError) as err:
         raise SystemExit(f"neurosens sensitivity: {err}") from None
 

@@ -1,6 +1,7 @@
 """`neurosens train`: train a model with the standard, PGD-AT, TRADES, ALP or SNS method."""
 import dataclasses
 import json
+from pathlib import Path
 
 HELP = "Train a model (standard, PGD-AT, TRADES, adversarial logit pairing or SNS) with per-epoch clean/PGD evaluation and resumable checkpoints."
 
@@ -76,6 +77,7 @@ def add_arguments(parser):
     parser.add_argument("--out", type=out_dir, required=True, help="run folder: checkpoint.pt, metrics.jsonl, model.pt")
     parser.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt when it exists; the options must be the run's, "
                         "except --no-progress, --workers, --eval-steps/--eval-alpha/--eval-limit and --monitor-tensorboard")
+    parser.add_argument("--overwrite", action="store_true", help="start over in an OUT that holds a run (default: refused)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars or per-epoch lines")
 
 
@@ -111,6 +113,12 @@ def run(args):
     config = TrainConfig(**{f.name: given[f.name] for f in dataclasses.fields(TrainConfig) if f.name in given})
     if config.monitor_tensorboard:
         require_tensorboard()  # before any data is read
+    if args.resume and args.overwrite:
+        raise ValueError("--resume continues the run in --out and --overwrite starts it over: give one")
+    held = [name for name in ("checkpoint.pt", "model.pt") if (Path(args.out) / name).exists()]
+    if held and not (args.resume or args.overwrite):
+        raise ValueError(f"{args.out} holds a run already ({', '.join(held)}); --resume continues it, --overwrite "
+                         "starts it over")
     if args.threads:
         torch.set_num_threads(args.threads)
     rank, _ = init_distributed()
@@ -122,6 +130,9 @@ def run(args):
         train_set, test_set = train_set.split(args.val, seed=args.seed)
         eval_name, meta["val"] = "val", args.val
     if args.train_limit:
+        if args.train_limit > len(train_set):
+            raise ValueError(f"--train-limit {args.train_limit}: the {args.data} training images number {len(train_set)}"
+                             f"{' after --val' if args.val else ''}; give at most that")
         train_set = train_set.subset(args.train_limit, seed=args.seed)
     mean, std = (None, None) if args.no_normalize else datasets.stats(args.data)
     channels, size, _ = train_set.shape
