@@ -182,9 +182,9 @@ class SensitivityReport:
         return data
 
     @classmethod
-    def from_dict(cls, data):
-        """The report that :meth:`to_dict` gave; every field is checked and the one at fault named."""
-        where = "SensitivityReport"
+    def from_dict(cls, data, where="SensitivityReport"):
+        """The report that :meth:`to_dict` gave; every field is checked and the one at fault named
+        (``where`` says whose: a file's path)."""
         if not isinstance(data, dict):
             raise ValueError(f"{where}: a report must be an object, got {type(data).__name__}")
         if data.get("format") != FORMAT:
@@ -216,8 +216,13 @@ class SensitivityReport:
     @classmethod
     def from_json(cls, path):
         """Load a report from the JSON file at ``path`` (:meth:`loads` reads JSON text)."""
-        with open(path) as f:
-            return cls.loads(f.read(), str(path))
+        with open(path, "rb") as f:
+            raw = f.read()
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError:
+            raise ValueError(f"{path}: not a JSON report (not even text)") from None
+        return cls.loads(text, str(path))
 
     @classmethod
     def loads(cls, text, source="SensitivityReport"):
@@ -226,7 +231,7 @@ class SensitivityReport:
             data = json.loads(text)
         except json.JSONDecodeError as err:
             raise ValueError(f"{source}: not JSON ({err})") from None
-        return cls.from_dict(data)
+        return cls.from_dict(data, source)
 
     def to_csv(self, path):
         """One row per neuron: layer, neuron, sensitivity, rank (1 = most sensitive in its layer),
@@ -252,9 +257,13 @@ def _k_label(k):
     return f"{100 * k:g}%" if isinstance(k, float) else str(k)
 
 
+def distance_name(metric, relative=False):
+    """How reports name a distance: the metric, with " (relative)" for relative ones."""
+    return f"{metric}{' (relative)' if relative else ''}"
+
+
 def _distance_of(report):
-    """The metric of a report's distances, with " (relative)" for relative ones."""
-    return f"{report.meta.get('metric')}{' (relative)' if report.meta.get('relative') else ''}"
+    return distance_name(report.meta.get("metric"), report.meta.get("relative"))
 
 
 def _check_same_distance(reports, where):

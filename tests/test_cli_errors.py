@@ -1,8 +1,10 @@
 """Every user error of the command line gives one line on stderr naming what is at fault and a
 non-zero exit, before any expensive work, never a traceback."""
 import pytest
+import torch
 
 from neurosens.checkpoint import save_checkpoint
+from neurosens.report import SensitivityReport
 from neurosens.cli import main
 
 from conftest import CUDA, SPEC, fresh_model
@@ -19,6 +21,8 @@ def files(tmp_path_factory):
     (root / "corrupt.pt").write_bytes(b"PK\x03\x04" + bytes(range(256)))
     (root / "a-file").write_text("x")
     (root / "truncated.pt").write_bytes(model.read_bytes()[: model.stat().st_size // 2])
+    SensitivityReport({"conv1": torch.ones(8, dtype=torch.float64)}, {"metric": "l1", "eps": 0.1}).to_json(root / "l1.json")
+    (root / "other.json").write_text('{"format": "something else"}')
     (root / "no-data").mkdir()
     return root
 
@@ -108,6 +112,8 @@ CASES = [
     (SENS + ["--top", "0"], "--top"),
     (["sensitivity", "@empty.pt", "--out", "@sens"], "empty.pt"),
     (SENS + ["--compare", "@a-file"], "a-file"),
+    (SENS + ["--compare", "@truncated.pt"], "truncated.pt: not a JSON report"),
+    (SENS + ["--compare", "@other.json"], "other.json: expected format"),
     # report
     (REPORT + ["--seeds", "0"], "--seeds"),
     (REPORT + ["-n", "-5"], "--samples"),
@@ -168,3 +174,16 @@ def test_ctrl_c_is_one_line_and_status_130(files, capsys, monkeypatch):
     monkeypatch.setattr(command, "run", interrupted)
     assert main(sub(files, EVAL)) == 130
     assert capsys.readouterr().err == "neurosens eval: interrupted\n"
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--metric", "cosine"], "l1.json: it measures l1 distances, this run cosine; give the same --metric and --relative"),
+    (["--relative"], "it measures l1 distances, this run l1 (relative)"),
+    (["--eps", "0.3"], "l1.json: it was measured at eps 0.1, this run at 0.3; give --eps 0.1"),
+])
+def test_sensitivity_refuses_a_report_it_cannot_compare_with_before_measuring(files, capsys, monkeypatch, extra, message):
+    import neurosens.sensitivity
+
+    monkeypatch.setattr(neurosens.sensitivity, "measure", lambda *a, **k: pytest.fail("measured before checking --compare"))
+    line = one_line_error(capsys, sub(files, SENS + ["--compare", "@l1.json", "--eps", "0.1"] + extra))
+    assert message in line, line

@@ -58,6 +58,21 @@ def _print_summary(report, top):
           "odd-numbered samples share")
 
 
+def _check_comparable(paths, reports, metric, relative, eps):
+    """Each --compare report must measure what this run will, checked before measuring."""
+    from ..report import distance_name
+
+    distance = distance_name(metric, relative)
+    for path, report in zip(paths, reports):
+        theirs = distance_name(report.meta.get("metric"), report.meta.get("relative"))
+        if theirs != distance:
+            raise ValueError(f"--compare {path}: it measures {theirs} distances, this run {distance}; give the same "
+                             "--metric and --relative")
+        if report.meta.get("eps") is not None and report.meta["eps"] != eps:
+            raise ValueError(f"--compare {path}: it was measured at eps {report.meta['eps']:g}, this run at {eps:g}; "
+                             f"give --eps {report.meta['eps']:g}")
+
+
 def run(args):
     import torch
 
@@ -76,6 +91,7 @@ def run(args):
         state = load_checkpoint(args.model)
         data_name = trained_on(state, args.model, args.data)
         eps = training_eps(state, args.model, args.eps)
+        _check_comparable(args.compare, others, args.metric, args.relative, eps)
         dataset = first_samples(data.load(data_name, train=args.split == "train", root=args.root), args)
         model = model_from_state(state, args.model, device, args.arch, dataset)
         check_fits(model, dataset, args.model)
