@@ -219,9 +219,15 @@ def test_cli_val_evaluates_on_held_out_training_images(tmp_path, capsys):
         cli_main(args[:-2] + ["--out", str(run), "--resume"] + ["--val", "50"])
 
 
-def test_cli_data_fetch_reports_failure(tmp_path, capsys):
-    assert cli_main(["data", "fetch", "fashion-mnist", "--root", str(tmp_path), "--source", str(tmp_path)]) == 1
-    assert "dataset-fashion-mnist" in capsys.readouterr().out
+def test_cli_data_fetch_reports_failure(tmp_path):
+    with pytest.raises(SystemExit, match=r"^neurosens data: could not fetch fashion-mnist: .* dataset-fashion-mnist"):
+        cli_main(["data", "fetch", "fashion-mnist", "--root", str(tmp_path), "--source", str(tmp_path)])
+    with pytest.raises(SystemExit, match=r"could not fetch mnist: .*nowhere.tgz: no such archive or folder"):
+        cli_main(["data", "fetch", "mnist", "--root", str(tmp_path), "--source", str(tmp_path / "nowhere.tgz")])
+    (tmp_path / "random.tgz").write_bytes(bytes(range(256)) * 4)
+    with pytest.raises(SystemExit, match=r"could not fetch mnist: ") as err:
+        cli_main(["data", "fetch", "mnist", "--root", str(tmp_path), "--source", str(tmp_path / "random.tgz")])
+    assert "\n" not in str(err.value)
 
 
 def test_world_size_mismatch_is_refused(tmp_path):

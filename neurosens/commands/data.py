@@ -20,8 +20,7 @@ def run(args):
 
     try:
         path = fetch(args.name, root=args.root, source=args.source, force=args.force)
-    except (RuntimeError, ValueError) as e:
-        print(f"error: {e}")
-        return 1
+    except RuntimeError as err:
+        raise ValueError(str(err)) from None  # one line on stderr, as every command's errors
     print(f"{args.name}: verified in {path}")
     return 0

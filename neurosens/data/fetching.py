@@ -95,6 +95,8 @@ def _fetch(name, root, source):
             _run(recipe.download, tmp)
             source = next(Path(tmp).glob(recipe.archive))
         source = Path(source)
+        if not source.exists():
+            raise FileNotFoundError(f"{source}: no such archive or folder")
         if source.is_file():
             recipe.unpack(source, tmp)
             source = Path(tmp) / recipe.inside
