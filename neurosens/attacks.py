@@ -146,6 +146,9 @@ class Attack:
     def __call__(self, x, y, target=None):
         if x.dim() < 2 or y.dim() != 1 or len(x) != len(y):
             raise ValueError(f"expected x [N, ...] and labels [N], got x {tuple(x.shape)} and y {tuple(y.shape)}")
+        if not x.is_floating_point():
+            raise TypeError(f"{type(self).__name__}: x is {x.dtype}, but an attack perturbs real-valued inputs; for token "
+                            "ids, attack the embeddings (a model taking them) instead")
         x = x.detach()
         self._check_range(x)
         if self.eps == 0:

@@ -265,3 +265,11 @@ def test_16_bit_adversarial_examples_stay_inside_the_ball_after_rounding(dtype, 
     assert size.max() <= eps * (1 + 1e-6)
     assert size.min() > 0.9 * eps  # still at the edge, not pulled far inside
     assert 0 <= x_adv.min() and x_adv.max() <= 1
+
+
+@pytest.mark.parametrize("name", ["fgsm", "pgd", "cw"])
+def test_integer_inputs_such_as_token_ids_are_refused_in_one_line(name):
+    model = nn.Sequential(nn.Embedding(50, 8), nn.Flatten(), nn.Linear(48, 10))
+    ids = torch.randint(0, 50, (4, 6))
+    with pytest.raises(TypeError, match=r"x is torch.int64, but an attack perturbs real-valued inputs; for token ids"):
+        make_attack(name, model, 0.1, steps=2)(ids, torch.zeros(4, dtype=torch.long))
