@@ -45,7 +45,8 @@ TENSORBOARD = "tensorboard"
 class TrainConfig:
     """Options of a run. ``batch_size`` is global (split across DDP ranks); ``eps``, ``alpha`` and
     ``steps`` set the training PGD (``alpha`` defaults to 2.5 * eps / steps); ``eps_warmup`` ramps
-    eps linearly from 0 over that many epochs; ``milestones`` (fractions of the run) and ``gamma``
+    eps linearly over that many epochs (step s, from 0, of W warm-up steps attacks at eps * (s + 1) / W,
+    so the first at eps / W and the last at eps); ``milestones`` (fractions of the run) and ``gamma``
     shape the step schedule; ``eval_*`` set the per-epoch PGD evaluation on the first ``eval_limit``
     test images. ``beta`` weighs TRADES; ``alp_lam`` and ``alp_distance`` set adversarial logit
     pairing. ``sns_<name>`` is the option ``<name>`` of :class:`~neurosens.sns.SNSConfig`

@@ -29,7 +29,7 @@ def add_arguments(parser):
     parser.add_argument("--alpha", type=positive, help="PGD step size while training (default: 2.5 * eps / steps)")
     parser.add_argument("--steps", type=positive_int, default=d.steps, help=f"PGD steps while training (default: {d.steps})")
     parser.add_argument("--norm", default=d.norm, choices=["linf", "l2"], help="attack norm (default: linf)")
-    parser.add_argument("--eps-warmup", type=non_negative, default=d.eps_warmup, help="epochs over which eps ramps up from 0 (default: 0)")
+    parser.add_argument("--eps-warmup", type=non_negative, default=d.eps_warmup, help="epochs over which eps ramps up linearly, from eps/W on the first of the W warm-up steps (default: 0)")
     parser.add_argument("--beta", type=non_negative, default=d.beta, help=f"TRADES weight (default: {d.beta})")
     parser.add_argument("--alp-lam", type=non_negative, default=d.alp_lam,
                         help=f"adversarial logit pairing: weight of the logit distance (default: {d.alp_lam})")
