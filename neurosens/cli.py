@@ -7,6 +7,7 @@ import sys
 
 from . import commands
 from .env import MissingDependency, env_flag
+from .version import __version__
 
 
 def _command_modules():
@@ -24,6 +25,7 @@ class _Parser(argparse.ArgumentParser):
 
 def build_parser():
     parser = _Parser(prog="neurosens", description="Neuron sensitivity for adversarial robustness.")
+    parser.add_argument("--version", action="version", version=f"neurosens {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name, module in _command_modules():
         cmd = sub.add_parser(name, help=module.HELP, description=module.HELP)

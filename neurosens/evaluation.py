@@ -38,7 +38,7 @@ def evaluate(model, loader, attacks=None, device=None, progress=False, distribut
     names = ["clean", *attacks]
     right = {name: [] for name in names}
     with eval_mode(model):
-        for x, y in tqdm(loader, desc="eval", unit="batch", disable=not progress, leave=False):
+        for x, y in tqdm(loader, desc=f"eval {', '.join(names)}", unit="batch", disable=not progress, leave=False):
             x, y = x.to(device), y.to(device)
             for name in names:
                 inputs = x if name == "clean" else attacks[name](x, y)

@@ -271,6 +271,9 @@ def measure(
     :class:`NeuronSensitivity`, except that ``logits=None`` takes the attack's ``logits`` when it has
     one; ``meta`` adds to the report's metadata.
     """
+    if attack is not None and not callable(attack):
+        raise TypeError(f"measure: attack={attack!r} must be a callable attack(x, y) -> x_adv, such as "
+                        "ns.PGD(model, eps=0.1) (neurosens.attacks.make_attack builds one by name)")
     if logits is None:
         logits = getattr(attack, "logits", None)
     meter = NeuronSensitivity(model, layers, metric, channel_dim, relative, auto, output_index, logits)

@@ -146,6 +146,19 @@ class TrainConfig:
         if isinstance(self.sns_layers, tuple):
             self.sns_layers = list(self.sns_layers)
         self.sns_config().check("TrainConfig", prefix="sns_", per_epoch=True)
+        self._check_method_options()
+
+    def _check_method_options(self):
+        """An option of another method than the run's would be ignored: refused, so no run is
+        believed to have used it."""
+        owners = {"beta": "trades", "alp_lam": "alp", "alp_distance": "alp"}
+        owners |= {f"sns_{f.name}": "sns" for f in dataclasses.fields(SNSConfig)}
+        for f in dataclasses.fields(self):
+            owner = owners.get(f.name)
+            value = getattr(self, f.name)
+            if owner not in (None, self.method) and value != f.default:
+                raise ValueError(f"{f.name}={value!r} is an option of method={owner!r}, but this run's method is "
+                                 f"{self.method!r}; leave it out")
 
     def _check_monitor(self):
         for name in ("monitor", "monitor_every"):

@@ -8,6 +8,7 @@ import pytest
 import torch
 from torch import nn
 
+import neurosens as ns
 from neurosens import NeuronSensitivity, SensitivityReport, SNSRegularizer, compare, ops
 from neurosens.reference import neuron_distance as reference_distance
 from neurosens.selection import resolve_k
@@ -147,3 +148,9 @@ def test_raw_ops_given_meta_and_real_tensors_check_their_arguments():
         torch.ops.neurosens.neuron_distance(a.to(meta), b.to(meta), "l3")
     values, indices = torch.ops.neurosens.neuron_topk(a.to(meta), b.to(meta), 2, "l1", -1)
     assert values.shape == indices.shape == (2,) and values.device == meta
+
+
+def test_measure_asks_for_an_attack_object_not_a_name():
+    model = nn.Sequential(nn.Flatten(), nn.Linear(4, 3))
+    with pytest.raises(TypeError, match=r"measure: attack='pgd' must be a callable attack\(x, y\) -> x_adv"):
+        ns.measure(model, [(torch.rand(2, 4), torch.zeros(2, dtype=torch.long))], "pgd")

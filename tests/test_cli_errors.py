@@ -74,6 +74,8 @@ CASES = [
     (TRAIN + ["--out", "@run"], "holds a run already (model.pt); --resume continues it, --overwrite starts it over"),
     (TRAIN + ["--out", "@run", "--resume", "--overwrite"], "give one"),
     (TRAIN + ["--momentum", "1"], "momentum=1.0: must be below 1"),
+    (TRAIN + ["--method", "pgd_at", "--beta", "3"], "beta=3.0 is an option of method='trades', but this run's method is 'pgd_at'"),
+    (TRAIN + ["--method", "trades", "--sns-k", "0.5"], "sns_k=0.5 is an option of method='sns'"),
     (TRAIN + ["--eps-warmup", "5"], "eps_warmup=5.0: the run has only 1 epochs"),
     (TRAIN + ["--train-limit", "100000"], "--train-limit 100000: the digits8 training images number 1500"),
     (TRAIN + ["--arch", "resnet18", "--width", "4"], "architecture 'resnet18' takes no option width"),
@@ -179,7 +181,6 @@ def test_ctrl_c_is_one_line_and_status_130(files, capsys, monkeypatch):
 @pytest.mark.parametrize("extra, message", [
     (["--metric", "cosine"], "l1.json: it measures l1 distances, this run cosine; give the same --metric and --relative"),
     (["--relative"], "it measures l1 distances, this run l1 (relative)"),
-    (["--eps", "0.3"], "l1.json: it was measured at eps 0.1, this run at 0.3; give --eps 0.1"),
 ])
 def test_sensitivity_refuses_a_report_it_cannot_compare_with_before_measuring(files, capsys, monkeypatch, extra, message):
     import neurosens.sensitivity

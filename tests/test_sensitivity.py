@@ -372,5 +372,8 @@ def test_command_writes_report_csv_and_plots(tmp_path, capsys):
                  "--attack", "fgsm", "--samples", "8", "--layers", "fc2", "--out", str(tmp_path / "bare"), "--no-progress",
                  "--compare", str(out / "report.json")]) == 0
     assert SensitivityReport.from_json(tmp_path / "bare" / "report.json").meta["eps"] == pytest.approx(8 / 255)
+    # Two budgets: each column of the comparison says its own.
+    assert (tmp_path / "bare" / "layer_means.csv").read_text().splitlines()[0].split(",")[1:3] == \
+        [f"{tmp_path.name} (eps 0.1)", f"{tmp_path.name} (eps 0.0313725)"]
     with pytest.raises(SystemExit, match="no layer named 'conv9'"):
         main(["sensitivity", str(tmp_path / "model.pt"), "--layers", "conv9", "--out", str(out)])

@@ -192,6 +192,7 @@ def test_cli_train_then_eval(tmp_path, capsys):
     assert results["data"] == "digits8" and results["n"] == 100
     accs = {k: v["accuracy"] for k, v in results["results"].items()}
     assert set(accs) == {"clean", "fgsm", "pgd-5", "cw-5"} and accs["clean"] > 0.8 and accs["pgd-5"] < accs["clean"]
+    assert results["results"]["pgd-5"]["alpha"] == pytest.approx(2.5 * 0.1 / 5)  # the default step, recorded
     # Resuming a finished run trains no further epoch.
     metrics = (run / "metrics.jsonl").read_text()
     assert cli_main(["train", "--data", "digits8", "--arch", "small-cnn", "--width", "8", "--method", "standard",

@@ -148,6 +148,8 @@ def run(args):
         started = time.perf_counter()
         result = evaluate(model, loader, {label: attack}, device, progress=True, logits=args.logits, per_sample=True)
         rows[label] = {"accuracy": result[label], "seconds": time.perf_counter() - started}
+        if hasattr(attack, "alpha"):  # the step size it ran with, --alpha or its default
+            rows[label]["alpha"] = attack.alpha
         hits[label] = result["hits"][label]
     if args.worst_case:
         rows["worst"] = {"accuracy": survived_all(hits), "seconds": sum(row["seconds"] for row in rows.values())}

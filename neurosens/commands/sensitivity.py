@@ -58,8 +58,8 @@ def _print_summary(report, top):
           "odd-numbered samples share")
 
 
-def _check_comparable(paths, reports, metric, relative, eps):
-    """Each --compare report must measure what this run will, checked before measuring."""
+def _check_comparable(paths, reports, metric, relative):
+    """Each --compare report must measure the distance this run will, checked before measuring."""
     from ..report import distance_name
 
     distance = distance_name(metric, relative)
@@ -68,9 +68,6 @@ def _check_comparable(paths, reports, metric, relative, eps):
         if theirs != distance:
             raise ValueError(f"--compare {path}: it measures {theirs} distances, this run {distance}; give the same "
                              "--metric and --relative")
-        if report.meta.get("eps") is not None and report.meta["eps"] != eps:
-            raise ValueError(f"--compare {path}: it was measured at eps {report.meta['eps']:g}, this run at {eps:g}; "
-                             f"give --eps {report.meta['eps']:g}")
 
 
 def run(args):
@@ -91,7 +88,7 @@ def run(args):
         state = load_checkpoint(args.model)
         data_name = trained_on(state, args.model, args.data)
         eps = training_eps(state, args.model, args.eps)
-        _check_comparable(args.compare, others, args.metric, args.relative, eps)
+        _check_comparable(args.compare, others, args.metric, args.relative)
         dataset = first_samples(data.load(data_name, train=args.split == "train", root=args.root), args)
         model = model_from_state(state, args.model, device, args.arch, dataset)
         check_fits(model, dataset, args.model)
@@ -125,8 +122,11 @@ def run(args):
     report.to_csv(os.path.join(args.out, "sensitivity.csv"))
     reports = others + [report]  # the first --compare report is the baseline of the ratios
     labels = []
+    budgets = {r.meta.get("eps") for r in reports}
     for i, r in enumerate(reports):
         name = label if r is report else r.meta.get("label") or f"report {i + 1}"
+        if len(budgets) > 1:  # sensitivities under different budgets: each column says its own
+            name += f" (eps {r.meta['eps']:g})" if r.meta.get("eps") is not None else " (eps not recorded)"
         labels.append(name if name not in labels else f"{name} ({i + 1})")
     table = compare(reports, labels)
     table.to_csv(os.path.join(args.out, "layer_means.csv"))
