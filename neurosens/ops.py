@@ -54,7 +54,8 @@ def neuron_distance(a, b, metric="l1", channel_dim=1, relative=False):
     Returns ``NeuronDistance(sum, count)``: ``sum`` is a [C] float32 (float64 for float64 inputs)
     tensor, ``count`` the number of samples; ``+`` adds the results of several batches (the same
     sum as one call on all of them, up to float32 rounding in the last bits). One read
-    of a and b; no activation-sized temporary. Not differentiable.
+    of a and b; no activation-sized temporary, except the [N, C] per-sample distances of [N, C]
+    inputs, summed in sample order. Not differentiable.
     """
     op = "neurosens.neuron_distance"
     cdim = check_pair(a, b, channel_dim, op)

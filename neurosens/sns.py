@@ -63,7 +63,13 @@ def _count_or_fraction(text):
 
 
 def _batches_or_epoch(text):
-    return text if text == "epoch" else int(text)
+    """refresh as a number of batches ("4") or "epoch"."""
+    if text == "epoch":
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise ValueError(f"{text!r} is neither a number of batches nor 'epoch'") from None
 
 
 @dataclasses.dataclass

@@ -30,7 +30,8 @@ def add_arguments(parser):
     parser.add_argument("--relative", action="store_true", help="divide l1/l2 by the benign map's mean absolute value")
     parser.add_argument("--channel-dim", type=int, default=None,
                         help="dim of the neurons of layers whose module does not say it: 1 for [N, C, ...], -1 for "
-                             "[N, T, C] (default: inferred per layer; Linear: last dim, conv: dim 1)")
+                             "[N, T, C]; refused for a layer whose module says otherwise (default: inferred per "
+                             "layer; Linear: last dim, conv: dim 1)")
     add_logits(parser)
     parser.add_argument("--top", type=positive_int, default=3, help="most sensitive neurons to print per layer (default: 3)")
     parser.add_argument("--label", help="name of this model in tables and plots (default: the checkpoint's folder name)")

@@ -55,7 +55,7 @@ def add_arguments(parser):
     parser.add_argument("--gamma", type=positive, default=d.gamma, help=f"step schedule factor (default: {d.gamma})")
     parser.add_argument("--eval-steps", type=positive_int, default=d.eval_steps, help=f"PGD steps of the per-epoch evaluation (default: {d.eval_steps})")
     parser.add_argument("--eval-alpha", type=positive, help="its step size (default: 2.5 * eps / eval-steps)")
-    parser.add_argument("--eval-limit", type=count_or_zero, default=d.eval_limit, help=f"test images evaluated each epoch (default: {d.eval_limit})")
+    parser.add_argument("--eval-limit", type=count_or_zero, default=d.eval_limit, help=f"test images evaluated each epoch, 0 for no evaluation (default: {d.eval_limit})")
     monitor = parser.add_argument_group("sensitivity while training (--monitor N)")
     monitor.add_argument("--monitor", type=count_or_zero, default=d.monitor, metavar="N",
                          help="measure per-layer sensitivity and clean/PGD accuracy on the first N test images before training, "
