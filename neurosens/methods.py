@@ -106,7 +106,8 @@ class SNSLoss:
     plus ``clean_weight`` times the clean cross-entropy.
 
     ``adv_examples="correct"`` keeps in the adversarial cross-entropy only the examples the model
-    classifies right on the benign input. With ``lam=0``, ``clean_weight=0`` and all examples no
+    classifies right on the benign input; the mean is still over the whole batch (the others count
+    0), so that term weighs less, against ``lam``, while clean accuracy is low. With ``lam=0``, ``clean_weight=0`` and all examples no
     benign forward is needed, and a step is exactly a PGD-AT step. ``forward="joint"`` (the
     default) runs the benign and adversarial batches as one forward of ``[x; x_adv]``,
     ``"separate"`` as two; :mod:`neurosens.sns` says what each means for BatchNorm. The options

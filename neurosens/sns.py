@@ -92,7 +92,8 @@ class SNSConfig:
                                   "from a seeded generator at each refresh; all, every neuron (k is ignored)", choices=SELECTIONS)
     seed: int = _option(0, "seed of the random selection", int)
     clean_weight: float = _option(0.0, "weight of the clean cross-entropy", float, part="loss")
-    adv_examples: str = _option("all", "examples in the adversarial cross-entropy: all, or those right on the benign input",
+    adv_examples: str = _option("all", "examples in the adversarial cross-entropy: all, or those right on the benign input "
+                                "(averaged over the whole batch, the others counting 0)",
                                 choices=ADV_EXAMPLES, part="loss")
     forward: str = _option("joint", "joint: one forward of [x; x_adv], so BatchNorm updates its statistics once per step "
                                     "and normalizes both halves alike; separate: a benign and an adversarial forward",
