@@ -378,7 +378,8 @@ NEUROSENS_CLONES void stats_task(const scalar_t* pa, const scalar_t* pb, const P
   acc_t st[kNumStats];
   if (L.by_columns()) {
     std::vector<acc_t> part(kNumStats * L.C);
-    std::vector<double> total(kNumStats * L.C);
+    // Sums of blocks exist only for samples of kSumBlock positions or more.
+    std::vector<double> total(L.D >= kSumBlock ? kNumStats * L.C : 0);
     for (int64_t n = begin; n < end; ++n) {
       for (int s = 0; s < kNumStats; ++s)
         if (has_stat(kMask, s)) std::fill_n(part.begin() + s * L.C, L.C, acc_t(0));
