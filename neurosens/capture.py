@@ -5,6 +5,7 @@ raises; :func:`eval_mode` likewise gives every module back its own train/eval fl
 (and their neuron dims) is :mod:`neurosens.layers`' job.
 """
 import contextlib
+import warnings
 
 import torch
 
@@ -33,6 +34,21 @@ def output_tensor(name, output, output_index=None):
             "pick the element to measure with output_index"
         )
     raise TypeError(f"layer {name!r} returned a {type(output).__name__}, not a tensor")
+
+
+def drop_silent_layers(modules, calls, where):
+    """Leave out of ``modules`` (chosen by a rule, such as "auto") the layers that never ran as
+    modules in a forward (``calls[name] == 0``): their parent applies their weights itself
+    (torchvision's Swin attention calls ``F.linear(x, self.qkv.weight)``), so no hook sees them. A
+    warning names them; layers chosen by name are refused instead (:meth:`LayerHooks.check_ran`)."""
+    silent = [name for name, count in calls.items() if count == 0 and name in modules]
+    if silent:
+        shown = ", ".join(silent[:4]) + (f" and {len(silent) - 4} more" if len(silent) > 4 else "")
+        warnings.warn(f"{where}: {len(silent)} of the layers chosen by the rule never ran as modules (their parents "
+                      f"apply their weights directly), so they are left out: {shown}", stacklevel=4)
+        for name in silent:
+            del modules[name]
+    return silent
 
 
 def version_of(t):
@@ -124,11 +140,12 @@ class LayerHooks:
         self._handles.clear()
 
     def check_ran(self):
-        missing = [name for name, n in self.calls.items() if n == 0]
+        missing = [name for name in self.modules if self.calls[name] == 0]
         if missing:
             raise RuntimeError(
                 f"layer(s) {', '.join(map(repr, missing))} never ran in the forward pass: they are defined "
-                "in the model but its forward() does not call them; leave them out of layers"
+                "in the model but its forward() does not call them (or applies their weights directly); leave them "
+                "out of layers"
             )
 
 

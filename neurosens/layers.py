@@ -6,9 +6,9 @@ where a chosen layer's neurons are (``nn.Linear`` on tokens: the last dim, convo
 """
 import difflib
 import fnmatch
+import sys
 from collections import OrderedDict
 
-import torch
 from torch import nn
 
 from . import checks
@@ -70,7 +70,10 @@ _GLOB_CHARS = set("*?[")
 def eager(model):
     """The module to run when hooks must fire: a ``torch.compile``'d module's original, since
     compiled code skips hooks added after it was traced (and would keep stale ones)."""
-    while isinstance(model, torch._dynamo.eval_frame.OptimizedModule):
+    # torch.compile imports dynamo, so without it nothing is compiled; importing it here would start
+    # threads that abort a gloo process at exit.
+    dynamo = sys.modules.get("torch._dynamo")
+    while dynamo is not None and isinstance(model, dynamo.eval_frame.OptimizedModule):
         model = model._orig_mod
     return model
 

@@ -18,7 +18,7 @@ import torch
 import torch.distributed as dist
 from tqdm.auto import tqdm
 
-from .capture import LayerHooks, check_batch_rows, eval_mode
+from .capture import LayerHooks, check_batch_rows, drop_silent_layers, eval_mode
 from .layers import NeuronDims, eager, select_layers, unwrap
 from .checks import check_metric
 from .env import model_device
@@ -64,6 +64,7 @@ class NeuronSensitivity:
         check_metric(metric, "NeuronSensitivity", relative=relative)
         self.model = eager(model)  # hooks fire only in eager code
         self.modules = select_layers(model, layers, auto)
+        self._by_rule = isinstance(layers, str) and layers == "auto"  # layers that never run are left out, not refused
         self.neuron_dims = NeuronDims(model, self.modules, channel_dim, "NeuronSensitivity")
         self.metric = metric
         self.relative = relative
@@ -107,6 +108,8 @@ class NeuronSensitivity:
         hooks = LayerHooks(self.modules, lambda name, t: self._reduce(name, t, batch), self.output_index)
         with eval_mode(self.model), hooks:
             out = self.model(torch.cat([x, x_adv]))
+        if self._by_rule and self._samples == 0:
+            drop_silent_layers(self.modules, hooks.calls, "NeuronSensitivity")
         hooks.check_ran()
         correct = None
         if y is not None:

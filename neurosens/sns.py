@@ -32,7 +32,7 @@ from collections import OrderedDict
 import torch
 import torch.distributed as dist
 
-from .capture import LayerHooks, check_batch_rows, check_unchanged, forward_rows, version_of
+from .capture import LayerHooks, check_batch_rows, check_unchanged, drop_silent_layers, forward_rows, version_of
 from .checks import check_metric
 from .layers import NeuronDims, check_eager, select_layers, unwrap
 from .ops import neuron_distance, stabilize
@@ -171,6 +171,7 @@ class SNSRegularizer:
         check_eager(model, "SNS")
         self.root = unwrap(model)
         self.modules = sns_layers(self.root, layers, auto)
+        self._by_rule = isinstance(layers, str) and layers in LAYER_PRESETS  # layers that never run are left out
         SNSConfig(layers=layers, k=k, lam=lam, metric=metric, select_metric=select_metric, refresh=refresh,
                   detach_benign=detach_benign, select=select, seed=seed).check()
         self.neuron_dims = NeuronDims(model, self.modules, channel_dim, "SNS")
@@ -262,6 +263,9 @@ class SNSRegularizer:
     def loss(self):
         """``lam`` times the mean over layers of the stabilizing term of each layer's selection."""
         distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+        if self._by_rule and self._calls == 0 and self._rows:
+            for name in drop_silent_layers(self.modules, {n: len(outs) for n, outs in self._outputs.items()}, "SNS"):
+                del self._outputs[name], self.k[name]
         if self._dropout.ran and len(self._rows) != (1 if self._pairing == "joint" else 2):
             raise RuntimeError(
                 f"SNS: {len(self._rows)} forward(s) ran inside capture(forward={self._pairing!r}) with dropout in training "

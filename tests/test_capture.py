@@ -207,3 +207,34 @@ def test_a_compiled_model_is_measured_through_its_original_module():
                  lambda: intervene(compiled, "0", [0]).__enter__()):
         with pytest.raises(ValueError, match=refusal):
             make()
+
+
+class AppliesItsWeights(nn.Module):
+    """Uses ``qkv`` only through its weights, as torchvision's Swin attention does."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.qkv, self.fc = nn.Linear(8, 8), nn.Linear(8, 3)
+
+    def forward(self, x):
+        return self.fc(torch.relu(nn.functional.linear(x, self.qkv.weight, self.qkv.bias)))
+
+
+def test_auto_leaves_out_layers_whose_weights_their_parent_applies_and_says_so():
+    model = AppliesItsWeights()
+    x = torch.rand(4, 8, generator=torch.Generator().manual_seed(1))
+    x_adv = x + 0.1
+    with pytest.warns(UserWarning, match=r"NeuronSensitivity: 1 of the layers chosen by the rule never ran as modules .* left out: qkv"):
+        report = ns.measure(model, [(x, x_adv), (x, x_adv)], progress=False)
+    assert report.layers == ["fc"]
+    torch.testing.assert_close(report["fc"], (model(x) - model(x_adv)).abs().mean(0).double().detach(), rtol=1e-6, atol=1e-7)
+    with pytest.raises(RuntimeError, match=r"layer\(s\) 'qkv' never ran .*applies their weights directly"):
+        ns.measure(model, [(x, x_adv)], layers=["qkv", "fc"], progress=False)
+    reg = ns.SNSRegularizer(model, k=1.0)
+    with reg.capture():
+        a, b = model(torch.cat([x, x_adv])).chunk(2)
+    with pytest.warns(UserWarning, match=r"SNS: 1 of the layers .* left out: qkv"):
+        term = reg.loss()
+    torch.testing.assert_close(term, (a - b).abs().mean(), rtol=1e-6, atol=1e-7)
+    assert list(reg.modules) == ["fc"]
