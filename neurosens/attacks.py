@@ -24,14 +24,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .capture import LayerHooks, check_unchanged, eval_mode, version_of
+from .capture import LayerHooks, check_unchanged, drop_silent_layers, eval_mode, version_of
 from .checks import check_metric
 from .env import require
 from .layers import NeuronDims, eager
 from .ops import neuron_distance_per_sample, stabilize
 from .outputs import LogitsModel, check_logits, logits_of
 from .selection import resolve_k
-from .sns import SNSConfig, sns_layers
+from .sns import LAYER_PRESETS, SNSConfig, sns_layers
 
 NORMS = ("linf", "l2")
 LOSSES = ("ce", "cw")
@@ -299,6 +299,7 @@ class NeuronPGD(PGD):
             raise ValueError(f"{who}: weight=0 leaves the feature-only attack nothing to ascend; give weight > 0")
         check_metric(metric, who)
         self._layers = sns_layers(model, layers)
+        self._by_rule = isinstance(layers, str) and layers in LAYER_PRESETS  # layers that never run are left out
         self._dims = NeuronDims(model, self._layers, channel_dim, who)
         for name in self._layers:
             resolve_k(k, self._dims.count(name), f"{who} layer {name!r}")
@@ -311,6 +312,10 @@ class NeuronPGD(PGD):
         outputs = {name: [] for name in self._layers}
         with LayerHooks(self._layers, lambda name, t: outputs[name].append((t, version_of(t))), self.output_index) as hooks:
             logits = self._logits(x)
+        if self._by_rule:
+            for name in drop_silent_layers(self._layers, hooks.calls, type(self).__name__):
+                del outputs[name]
+            self.layers = list(self._layers)
         hooks.check_ran()
         for name, outs in outputs.items():
             if len(outs) > 1:

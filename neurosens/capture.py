@@ -42,6 +42,9 @@ def drop_silent_layers(modules, calls, where):
     (torchvision's Swin attention calls ``F.linear(x, self.qkv.weight)``), so no hook sees them. A
     warning names them; layers chosen by name are refused instead (:meth:`LayerHooks.check_ran`)."""
     silent = [name for name, count in calls.items() if count == 0 and name in modules]
+    if silent and len(silent) == len(modules):
+        raise RuntimeError(f"{where}: none of the layers chosen by the rule ran as a module (their parents apply their "
+                           "weights directly); name the layers to use")
     if silent:
         shown = ", ".join(silent[:4]) + (f" and {len(silent) - 4} more" if len(silent) > 4 else "")
         warnings.warn(f"{where}: {len(silent)} of the layers chosen by the rule never ran as modules (their parents "
@@ -165,6 +168,10 @@ class ActivationCapture(LayerHooks):
         self._kept = {name: [] for name in self.modules}  # layer -> [(output, its version when kept)]
 
     def _store(self, name, t):
+        if t.is_inference():
+            # An inference tensor has no version counter to catch a later in-place op: keep a copy.
+            self._kept[name].append((t.clone(), None))
+            return
         # A detached tensor shares its source's version counter, so the check below still sees writes.
         self._kept[name].append((t.detach() if self.detach else t, version_of(t)))
 

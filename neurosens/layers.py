@@ -79,8 +79,11 @@ def eager(model):
 
 
 def check_eager(model, who):
-    """Refuse a ``torch.compile``'d module where the caller runs the model itself: the hooks that
-    capture or edit its layers would not fire in compiled code."""
+    """Refuse a ``torch.compile``'d module (also inside DataParallel/DDP) where the caller runs the
+    model itself: the hooks that capture or edit its layers would not fire in compiled code."""
+    wrappers = (nn.DataParallel, nn.parallel.DistributedDataParallel)
+    while isinstance(model, wrappers):
+        model = model.module
     if eager(model) is not model:
         raise ValueError(f"{who}: the model is torch.compile'd, and compiled code skips the hooks that see its layers; "
                          "pass the original module (model._orig_mod) and run that one inside the block")
@@ -170,7 +173,11 @@ def _declared(module):
     norm = next((c for c in _NORMS if isinstance(module, c)), None)
     if norm is not None and type(module).forward is not norm.forward:
         # A norm with a forward of its own may move its features (a LayerNorm2d normalizes dim 1 of
-        # an [N, C, H, W] map by permuting it to the last dim and back): it says nothing.
+        # an [N, C, H, W] map by permuting it to the last dim and back), or only cast (CLIP's): a
+        # LayerNorm's features are then on whichever of dim 1 and the last dim has their count.
+        if isinstance(module, nn.LayerNorm) and len(module.normalized_shape) == 1:
+            count = module.normalized_shape[0]
+            return None, count, f"{type(module).__name__}({count}), a LayerNorm with its own forward,"
         return None
     if isinstance(module, _NORMS[:7]):
         return 1, module.num_features, f"{type(module).__name__}(num_features={module.num_features})"
@@ -209,29 +216,44 @@ def _declared_in_place(root, name, module):
 
 
 def _sequence_first(module):
-    """Whether ``module`` is a torch transformer part that keeps the batch on dim 1 ([T, N, C])."""
-    if isinstance(module, (nn.MultiheadAttention, nn.Transformer)):
+    """Whether ``module`` is a torch module that keeps the batch on dim 1 ([T, N, C]): attention,
+    transformer layers and stacks, and recurrent layers built with ``batch_first=False``. A block
+    of one's own that holds such attention may transpose around it, so it is not judged."""
+    if isinstance(module, (nn.MultiheadAttention, nn.Transformer, nn.RNNBase)):
         return not module.batch_first
+    if isinstance(module, (nn.TransformerEncoderLayer, nn.TransformerDecoderLayer)):
+        return not module.self_attn.batch_first
     if isinstance(module, (nn.TransformerEncoder, nn.TransformerDecoder)):
         return len(module.layers) > 0 and _sequence_first(module.layers[0])
-    attention = attention_of(module)
-    return attention is not None and not attention.batch_first
+    return False
 
 
-def check_batch_first(root, name):
-    """Refuse a layer inside (or being) a sequence-first transformer part: its output has the
-    batch on dim 1, where a [x; x_adv] forward's benign and adversarial rows cannot be told apart
-    by shape (T == 2N would pass any row count)."""
-    path = name.split(".")
+def sequence_first_part(root, name):
+    """The name of the innermost part of ``root`` that is, or holds, module ``name`` and keeps the
+    batch on dim 1 (see :func:`_sequence_first`); None when there is none."""
+    path = name.split(".") if name else []
     for depth in range(len(path), -1, -1):
         part = ".".join(path[:depth])
+        if _sequence_first(root.get_submodule(part)):
+            return part
+    return None
+
+
+def check_hookable(root, name):
+    """Refuse a layer whose output hooks cannot pair: inside (or being) a sequence-first part, its
+    output has the batch on dim 1, where benign and adversarial rows cannot be told apart by shape
+    (T == 2N passes any row count); inside a torch.compile'd submodule, compiled code skips hooks."""
+    if "_orig_mod" in name.split("."):
+        raise ValueError(f"layer {name!r} runs inside a torch.compile'd submodule, and compiled code skips the hooks "
+                         "that see layers; compile the whole model (it is then measured through its original) or none of it")
+    part = sequence_first_part(root, name)
+    if part is not None:
         module = root.get_submodule(part)
-        if _sequence_first(module):
-            raise ValueError(
-                f"layer {name!r} runs inside {part or 'the model'!r}, a {type(module).__name__} with batch_first=False: "
-                "its outputs are [T, N, C], and measuring or pairing neurons needs the batch on dim 0; build it with "
-                "batch_first=True"
-            )
+        raise ValueError(
+            f"layer {name!r} runs inside {part or 'the model'!r}, a {type(module).__name__} with batch_first=False: "
+            "its outputs are [T, N, C], and measuring or pairing neurons needs the batch on dim 0; build it with "
+            "batch_first=True"
+        )
 
 
 class NeuronDims:
@@ -252,7 +274,7 @@ class NeuronDims:
     def __init__(self, model, modules, channel_dim=None, where="channel_dim"):
         root = unwrap(model)
         for name in modules:
-            check_batch_first(root, name)
+            check_hookable(root, name)
         self.specs = {name: _declared_in_place(root, name, m) for name, m in modules.items()}
         self.kinds = {name: type(m).__name__ for name, m in modules.items()}
         if isinstance(channel_dim, dict):
@@ -278,6 +300,16 @@ class NeuronDims:
         if name in self.overrides:
             return checks.check_channel_dim(self.overrides[name], shape, f"layer {name!r}", "its output of shape")
         spec = self.specs[name]
+        if spec is not None and spec[0] is None:
+            dim, count, what = spec
+            found = sorted({d for d in (1, t.dim() - 1) if shape[d] == count})
+            if len(found) != 1:
+                raise ValueError(
+                    f"layer {name!r}: {what} has {count} neurons, and its output {shape} has "
+                    f"{'that many on both dim 1 and the last dim' if found else 'that many on neither dim 1 nor the last dim'}; "
+                    f"say where they are with channel_dim={{{name!r}: dim}}"
+                )
+            spec = (found[0], count, what)
         if spec is not None:
             dim, count, what = spec
             dim %= t.dim()

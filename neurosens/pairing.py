@@ -10,29 +10,49 @@ pairing) would partly measure that noise. Inside :class:`SharedDropout` every ``
 * ``forward="separate"``: two forwards, ``x`` then ``x'``; the second reuses the masks of the
   first, call by call.
 
-Dropout that no module boundary exposes keeps independent masks: the attention-weight dropout of
-``nn.MultiheadAttention``, alpha dropout, and ``F.dropout`` called inside a ``forward``. A
-warning names the layers of the first two kinds.
+Other dropout keeps independent masks, and a warning names its layers: the attention-weight
+dropout of ``nn.MultiheadAttention``, alpha dropout, other dropout-like modules (stochastic depth,
+drop path), dropout whose input does not hold the batch on dim 0 (inside a sequence-first
+transformer), and a subclass with a ``forward`` of its own. ``F.dropout`` called inside a
+``forward`` cannot be seen at all.
 """
 import contextlib
 import warnings
 
 from torch import nn
 
+from .capture import forward_rows
+from .layers import sequence_first_part
+
 #: How a benign batch and its adversarial twin run: one forward of [x; x_adv], or two.
 FORWARDS = ("joint", "separate")
-_SHARED = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d)
+#: Dropout modules whose masks are shared, with the dims of their batched input (0: any).
+_SHARED = {nn.Dropout: 0, nn.Dropout1d: 3, nn.Dropout2d: 4, nn.Dropout3d: 5}
+#: Words in the class names of other dropout-like modules (stochastic depth, drop path, drop block).
+_DROPOUT_LIKE = ("dropout", "droppath", "stochasticdepth", "dropblock")
 
 
-def unshared_dropout(model):
-    """Names of the layers of ``model`` whose dropout :class:`SharedDropout` cannot share."""
-    names = []
+def _shared_kind(module):
+    """The class of :data:`_SHARED` whose forward ``module`` runs, or None."""
+    return next((c for c in _SHARED if isinstance(module, c) and type(module).forward is c.forward), None)
+
+
+def split_dropout(model):
+    """``(shared, unshared)``: the dropout modules of ``model`` whose masks :class:`SharedDropout`
+    shares, and the names of the dropout-like layers it cannot share (inside attention, alpha
+    dropout, other kinds, or in a part that keeps the batch off dim 0)."""
+    shared, unshared = [], []
     for name, module in model.named_modules():
-        if isinstance(module, (nn.AlphaDropout, nn.FeatureAlphaDropout)) and module.p > 0:
-            names.append(name)
-        elif isinstance(module, nn.MultiheadAttention) and module.dropout > 0:
-            names.append(name)
-    return names
+        rate = getattr(module, "p", None) if not isinstance(module, nn.MultiheadAttention) else module.dropout
+        rate = rate if isinstance(rate, (int, float)) else getattr(module, "drop_prob", 1)
+        if not rate:
+            continue
+        if _shared_kind(module) is not None and sequence_first_part(model, name) is None:
+            shared.append(module)
+        elif _shared_kind(module) is not None or isinstance(module, nn.MultiheadAttention) or \
+                any(word in type(module).__name__.lower() for word in _DROPOUT_LIKE):
+            unshared.append(name)
+    return shared, unshared
 
 
 class SharedDropout:
@@ -48,26 +68,32 @@ class SharedDropout:
 
     def __init__(self, model, where="SNS"):
         self.model, self.where = model, where
-        self.modules = [m for m in model.modules() if type(m) in _SHARED]  # subclasses may have their own forward
-        self.unshared = unshared_dropout(model)
+        self.modules, self.unshared = split_dropout(model)
         self.ran, self.forwards = False, 0
-        self._warned = False
+        self._warned = set()
+
+    def _warn_once(self, names, why):
+        names = [n for n in names if n not in self._warned]
+        if names:
+            self._warned.update(names)
+            warnings.warn(f"{self.where}: the dropout of {', '.join(names)} draws its own mask for the benign and the "
+                          f"adversarial input ({why}), so its noise enters the difference between them; set it to 0 "
+                          "to compare the inputs alone", stacklevel=5)
 
     @contextlib.contextmanager
     def __call__(self, forward="joint"):
         if forward not in FORWARDS:
             raise ValueError(f"{self.where}: forward={forward!r} is unknown; expected one of {', '.join(FORWARDS)}")
         self.ran, self.forwards = False, 0
+        self._rows = None  # the batch size of the current forward
         self._masks = {}  # (module, call) -> mask of the latest drawing forward
         self._calls = {}  # module -> calls in the current forward
-        if self.unshared and not self._warned and self.model.training:
-            self._warned = True
-            warnings.warn(f"{self.where}: the dropout of {', '.join(self.unshared)} draws its own mask for the benign and "
-                          "the adversarial input (it is inside the layer's computation), so its noise enters the "
-                          "difference between them; set it to 0 to compare the inputs alone", stacklevel=4)
-        handle = self.model.register_forward_pre_hook(self._new_forward)
+        if self.unshared and self.model.training:
+            self._warn_once(self.unshared, "it is not a module SNS can reach, or its part keeps the batch off dim 0")
+        handle = self.model.register_forward_pre_hook(self._new_forward, with_kwargs=True)
+        names = {module: name for name, module in self.model.named_modules()}
         for module in self.modules:
-            module.forward = self._dropout_of(module, forward)
+            module.forward = self._dropout_of(module, names[module], forward)
         try:
             yield self
         finally:
@@ -75,14 +101,21 @@ class SharedDropout:
                 del module.forward
             handle.remove()
 
-    def _new_forward(self, module, args):
+    def _new_forward(self, module, args, kwargs):
         self.forwards += 1
         self._calls = {}
+        self._rows = forward_rows(args, kwargs)
 
-    def _dropout_of(self, module, pairing):
+    def _dropout_of(self, module, name, pairing):
+        batched = _SHARED[_shared_kind(module)]
+
         def forward(x):
             if not module.training or module.p == 0:
                 return x
+            if self._rows is not None and x.shape[0] != self._rows:
+                # Its batch is not on dim 0 (the model moved it), so the halves cannot be found.
+                self._warn_once([name], f"its input of shape {list(x.shape)} does not hold the batch of {self._rows} on dim 0")
+                return type(module).forward(module, x)
             self.ran = True
             call = self._calls.get(module, 0)
             self._calls[module] = call + 1
@@ -94,7 +127,12 @@ class SharedDropout:
                                        f"one had {mask.shape[0]}; the two batches of a pair must have one size")
             else:
                 rows = x.shape[0] // 2 if pairing == "joint" and x.shape[0] % 2 == 0 else x.shape[0]
-                shape = (rows, *x.shape[1:]) if type(module) is nn.Dropout else (rows, x.shape[1]) + (1,) * (x.dim() - 2)
+                if batched == 0:
+                    shape = (rows, *x.shape[1:])
+                elif x.dim() == batched - 1:  # unbatched input: dim 0 holds the channels, each dropped whole
+                    shape = (rows,) + (1,) * (x.dim() - 1)
+                else:
+                    shape = (rows, x.shape[1]) + (1,) * (x.dim() - 2)
                 mask = x.new_empty(shape).bernoulli_(1 - module.p)
                 if rows != x.shape[0]:
                     mask = mask.repeat(2, *([1] * (mask.dim() - 1)))

@@ -25,8 +25,11 @@ def resolve_k(k, num_neurons=None, op="neurosens", what="k"):
     With ``num_neurons=None`` (a layer not built yet) only the form of ``k`` is checked and None
     is returned.
     """
-    if isinstance(k, (np.floating, torch.Tensor)) and np.ndim(k) == 0 and (isinstance(k, np.floating) or k.is_floating_point()):
-        k = float(k)
+    if isinstance(k, torch.Tensor) and k.dim() == 0 and k.is_floating_point():
+        k = k.item() if k.dtype == torch.float64 else np.float32(k.item())
+    if isinstance(k, np.floating):
+        # The decimal a 32- or 16-bit fraction stands for (np.float32(0.35) is 0.3499999940...).
+        k = float(k) if isinstance(k, np.float64) else float(str(k))
     if not isinstance(k, float):
         count = integer(k)
         if count is None:
@@ -36,8 +39,9 @@ def resolve_k(k, num_neurons=None, op="neurosens", what="k"):
         k = float(k)
         if not 0.0 < k <= 1.0:
             raise ValueError(f"{op}: {what}={k} as a fraction must be in (0, 1]")
-        # Halves up: Python's round() sends 2.5 to 2 and 3.5 to 4.
-        return None if num_neurons is None else max(1, math.floor(k * num_neurons + 0.5))
+        # Halves up (Python's round() sends 2.5 to 2), on the product rounded to 9 places first, so
+        # that 0.58 * 25 = 14.499999999999998 counts as the 14.5 it means.
+        return None if num_neurons is None else max(1, math.floor(round(k * num_neurons, 9) + 0.5))
     if num_neurons is None:
         if k < 1:
             raise ValueError(f"{op}: {what}={k} must be at least 1")

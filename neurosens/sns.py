@@ -263,7 +263,7 @@ class SNSRegularizer:
     def loss(self):
         """``lam`` times the mean over layers of the stabilizing term of each layer's selection."""
         distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
-        if self._by_rule and self._calls == 0 and self._rows:
+        if self._by_rule and self._rows:  # also after a resume, which does not record what was left out
             for name in drop_silent_layers(self.modules, {n: len(outs) for n, outs in self._outputs.items()}, "SNS"):
                 del self._outputs[name], self.k[name]
         if self._dropout.ran and len(self._rows) != (1 if self._pairing == "joint" else 2):

@@ -130,7 +130,8 @@ def test_distances_of_batches_add_up_with_plus_and_sum():
 
 
 @pytest.mark.parametrize("k,neurons,count", [(0.1, 25, 3), (0.1, 35, 4), (0.5, 5, 3), (0.3, 16, 5), (0.1, 64, 6),
-                                             (0.01, 10, 1), (np.float32(0.5), 10, 5), (torch.tensor(0.25), 10, 3)])
+                                             (0.01, 10, 1), (np.float32(0.5), 10, 5), (torch.tensor(0.25), 10, 3),
+                                             (0.58, 25, 15), (np.float32(0.35), 10, 4), (0.07, 50, 4)])
 def test_a_fraction_of_k_rounds_to_the_nearest_count_with_halves_up(k, neurons, count):
     assert resolve_k(k, neurons) == count
 

@@ -204,9 +204,13 @@ def test_a_compiled_model_is_measured_through_its_original_module():
     assert accuracies(compiled, batches, "0", [0, 1]) == accuracies(model, batches, "0", [0, 1])
     refusal = r"the model is torch.compile'd, and compiled code skips the hooks that see its layers; pass the original module"
     for make in (lambda: ns.SNSRegularizer(compiled, k=1), lambda: ActivationCapture(compiled, "0"),
-                 lambda: intervene(compiled, "0", [0]).__enter__()):
+                 lambda: intervene(compiled, "0", [0]).__enter__(), lambda: ns.SNSRegularizer(nn.DataParallel(compiled), k=1)):
         with pytest.raises(ValueError, match=refusal):
             make()
+    # A compiled part is refused by name: its hooks would not fire, and no original can stand in for it.
+    partly = nn.Sequential(torch.compile(nn.Sequential(nn.Conv2d(1, 4, 3)), backend="eager"), nn.Flatten(), nn.Linear(144, 3))
+    with pytest.raises(ValueError, match=r"layer '0._orig_mod.0' runs inside a torch.compile'd submodule"):
+        ns.measure(partly, [(x, x_adv)], progress=False)
 
 
 class AppliesItsWeights(nn.Module):
@@ -238,3 +242,36 @@ def test_auto_leaves_out_layers_whose_weights_their_parent_applies_and_says_so()
         term = reg.loss()
     torch.testing.assert_close(term, (a - b).abs().mean(), rtol=1e-6, atol=1e-7)
     assert list(reg.modules) == ["fc"]
+    # A resumed regularizer leaves the layer out again.
+    resumed = ns.SNSRegularizer(model, k=1.0)
+    resumed.load_state_dict(reg.state_dict())
+    with resumed.capture():
+        model(torch.cat([x, x_adv]))
+    with pytest.warns(UserWarning, match=r"left out: qkv"):
+        torch.testing.assert_close(resumed.loss(), term)
+    # The neuron-targeted attack, with its default layers, too.
+    from neurosens.attacks import NeuronPGD
+
+    with pytest.warns(UserWarning, match=r"NeuronPGD: 1 of the layers .* left out: qkv"):
+        attack = NeuronPGD(model, 0.1, k=1.0, feature_only=True)
+        attack.objective(x, x_adv, torch.zeros(4, dtype=torch.long))
+    assert attack.layers == ["fc"]
+
+
+def test_a_model_none_of_whose_chosen_layers_runs_as_a_module_is_refused():
+    class OnlyWeights(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(4, 3)
+
+        def forward(self, x):
+            return nn.functional.linear(x, self.fc.weight, self.fc.bias)
+
+    model, x = OnlyWeights(), torch.rand(2, 4)
+    reg = ns.SNSRegularizer(model, k=1)
+    with reg.capture():
+        model(torch.cat([x, x]))
+    with pytest.raises(RuntimeError, match=r"SNS: none of the layers chosen by the rule ran as a module"):
+        reg.loss()
+    with pytest.raises(RuntimeError, match=r"NeuronSensitivity: none of the layers chosen by the rule ran as a module"):
+        ns.measure(model, [(x, x)], progress=False)

@@ -23,6 +23,8 @@ def files(tmp_path_factory):
     (root / "truncated.pt").write_bytes(model.read_bytes()[: model.stat().st_size // 2])
     SensitivityReport({"conv1": torch.ones(8, dtype=torch.float64)}, {"metric": "l1", "eps": 0.1}).to_json(root / "l1.json")
     (root / "other.json").write_text('{"format": "something else"}')
+    (root / "stale").mkdir()
+    (root / "stale" / "metrics.jsonl").write_text('{"epoch": 1}\n')
     (root / "no-data").mkdir()
     return root
 
@@ -73,11 +75,13 @@ CASES = [
     (TRAIN + ["--out", ""], "--out"),
     (TRAIN + ["--out", "@run"], "holds a run already (model.pt); --resume continues it, --overwrite starts it over"),
     (TRAIN + ["--out", "@run", "--resume", "--overwrite"], "give one"),
+    (TRAIN + ["--out", "@stale"], "holds a run already (metrics.jsonl)"),
     (TRAIN + ["--momentum", "1"], "momentum=1.0: must be below 1"),
     (TRAIN + ["--method", "pgd_at", "--beta", "3"], "beta=3.0 is an option of method='trades', but this run's method is 'pgd_at'"),
     (TRAIN + ["--method", "trades", "--sns-k", "0.5"], "sns_k=0.5 is an option of method='sns'"),
     (TRAIN + ["--eps-warmup", "5"], "eps_warmup=5.0: the run has only 1 epochs"),
     (TRAIN + ["--train-limit", "100000"], "--train-limit 100000: the digits8 training images number 1500"),
+    (TRAIN + ["--eval-limit", "100000"], "--eval-limit 100000: the test images number 297"),
     (TRAIN + ["--arch", "resnet18", "--width", "4"], "architecture 'resnet18' takes no option width"),
     # eval (PGD only: without torchattacks, asking for AutoAttack is refused before the model is read)
     (["eval", "@missing.pt", "--attacks", "pgd", "--eps", "0.1"], "missing.pt"),

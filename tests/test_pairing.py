@@ -132,3 +132,51 @@ def test_logit_pairing_of_identical_inputs_is_zero_under_dropout():
     y = torch.arange(6)
     loss, logs = make_loss("alp", alp_lam=1.0, alp_distance="l2")(model, x, y, lambda x, y: x)
     assert logs["pair"].item() == 0
+
+
+class SequenceFirstHead(nn.Module):
+    """A sequence-first encoder layer (its dropout sees [T, 2N, C]) under a batch-first head."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.emb = nn.Linear(4, 8)
+        self.enc = nn.TransformerEncoderLayer(8, 2, 16, dropout=0.5)
+        self.enc.self_attn.dropout = 0.0
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x):
+        return self.head(self.enc(self.emb(x).transpose(0, 1)).mean(0))
+
+
+def test_dropout_that_cannot_be_shared_keeps_its_own_masks_and_is_named():
+    from torchvision.ops import StochasticDepth
+
+    class Plain(nn.Dropout):  # a subclass running nn.Dropout's forward is shared
+        pass
+
+    model = nn.Sequential(nn.Linear(4, 8), Plain(0.5), StochasticDepth(0.5, "row"), nn.Linear(8, 3)).train()
+    x = torch.rand(6, 4)
+    reg = ns.SNSRegularizer(model, layers=["3"], k=1.0)
+    with pytest.warns(UserWarning, match=r"SNS: the dropout of 2 draws its own mask"):
+        with reg.capture():
+            out = model(torch.cat([x, x]))
+    assert not torch.equal(*out.chunk(2))  # stochastic depth drops rows on their own
+    model[2].p = 0.0
+    with reg.capture():
+        out = model(torch.cat([x, x]))
+    assert torch.equal(*out.chunk(2))  # the subclass's masks are shared
+    model = SequenceFirstHead().train()
+    x = torch.rand(4, 8, 4)  # T = 2N: a split of dim 0 would pass unseen
+    reg = ns.SNSRegularizer(model, layers=["head"], k=1.0)
+    with pytest.warns(UserWarning, match=r"the dropout of enc.dropout, enc.dropout1, enc.dropout2 draws its own mask"):
+        with reg.capture():
+            model(torch.cat([x, x]))
+
+
+def test_channel_dropout_of_an_unbatched_2d_input_drops_whole_rows_as_torch_does():
+    probe = nn.Sequential(nn.Dropout1d(0.5)).train()
+    with torch.no_grad(), SharedDropout(probe)("joint"):
+        out = probe(torch.ones(8, 6))
+    kept = out != 0
+    assert torch.equal(kept.all(1), kept.any(1)) and torch.equal(out[:4], out[4:])

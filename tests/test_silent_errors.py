@@ -212,3 +212,9 @@ def test_captures_and_the_neuron_attack_refuse_outputs_changed_in_place():
         model(x)
     torch.testing.assert_close(cap.activations["conv"], model.conv(x), rtol=0, atol=0)
     assert cap.activations["conv"].min() < 0
+    # Inference tensors carry no version counter: the capture keeps the values as the layer gave them.
+    with torch.inference_mode(), ActivationCapture(model, layers="bn") as cap:
+        model(x)
+        expected = model.bn(model.conv(x))
+    torch.testing.assert_close(cap.activations["bn"], expected, rtol=0, atol=0)
+    assert cap.activations["bn"].min() < 0

@@ -201,6 +201,19 @@ def test_cli_train_then_eval(tmp_path, capsys):
     assert (run / "metrics.jsonl").read_text() == metrics
 
 
+def test_cli_overwrite_starts_a_run_over_and_leaves_nothing_of_the_old_one(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    for name in ("metrics.jsonl", "monitor.png", "report.html"):
+        (run / name).write_text("old")
+    (run / "notes.txt").write_text("mine")
+    assert cli_main(["train", "--data", "digits8", "--width", "8", "--method", "standard", "--epochs", "1",
+                     "--eval-limit", "0", "--train-limit", "128", "--no-progress", "--out", str(run), "--overwrite"]) == 0
+    assert not (run / "monitor.png").exists() and not (run / "report.html").exists()
+    assert len((run / "metrics.jsonl").read_text().splitlines()) == 1 and (run / "model.pt").is_file()
+    assert (run / "notes.txt").read_text() == "mine"
+
+
 def test_cli_val_evaluates_on_held_out_training_images(tmp_path, capsys):
     run = tmp_path / "run"
     args = ["train", "--data", "digits8", "--width", "8", "--epochs", "1", "--optimizer", "adam", "--lr", "0.005",

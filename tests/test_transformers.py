@@ -218,9 +218,9 @@ def test_a_layer_norm_that_permutes_keeps_its_channels_on_dim_1_and_a_plain_one_
     from torchvision.models.convnext import LayerNorm2d
 
     torch.manual_seed(0)
-    # Width == channels == 8, so measuring the wrong dim would not be refused for its size.
-    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), LayerNorm2d(8), nn.Flatten(1, 2), nn.LayerNorm(8),
-                          nn.Flatten(), nn.Linear(512, 3)).eval()
+    # 6 channels of 8x8 maps, then 48 rows of 8 features for the plain LayerNorm.
+    model = nn.Sequential(nn.Conv2d(3, 6, 3, padding=1), LayerNorm2d(6), nn.Flatten(1, 2), nn.LayerNorm(8),
+                          nn.Flatten(), nn.Linear(384, 3)).eval()
     x = torch.rand(4, 3, 8, 8, generator=torch.Generator().manual_seed(1))
     x_adv = (x + 0.1 * torch.randn(x.shape, generator=torch.Generator().manual_seed(2))).clamp(0, 1)
     report = ns.measure(model, [(x, x_adv)], layers=["1", "3"], progress=False)
@@ -230,7 +230,7 @@ def test_a_layer_norm_that_permutes_keeps_its_channels_on_dim_1_and_a_plain_one_
         tokens = model[3](model[2](maps))
     a, b = maps.chunk(2)
     torch.testing.assert_close(report["1"], (a - b).abs().mean((2, 3)).mean(0).double(), rtol=1e-5, atol=1e-7)
-    a, b = tokens.chunk(2)  # [N, 64 positions, 8 features]: the plain LayerNorm's neurons are its 8 features
+    a, b = tokens.chunk(2)  # [N, 48 rows, 8 features]: the plain LayerNorm's neurons are its 8 features
     torch.testing.assert_close(report["3"], (a - b).abs().mean(1).mean(0).double(), rtol=1e-5, atol=1e-7)
 
 
@@ -255,3 +255,56 @@ def test_a_sequence_first_transformer_is_refused_before_it_runs(layer):
     ns.NeuronSensitivity(model, layers="head")
     batch_first = nn.TransformerEncoder(nn.TransformerEncoderLayer(8, 2, 16, batch_first=True), 1, enable_nested_tensor=False)
     ns.NeuronSensitivity(batch_first, layers=layer.replace("encoder.", "").replace("encoder", "layers.0"), channel_dim=-1)
+
+
+def test_a_layer_norm_with_its_own_forward_finds_its_features_on_dim_1_or_the_last_dim():
+    from torchvision.models.convnext import LayerNorm2d
+
+    class CastingLayerNorm(nn.LayerNorm):  # as in CLIP: computes in float32, keeps the last dim's features
+        def forward(self, x):
+            return super().forward(x.float()).to(x.dtype)
+
+    class ChannelsLast(nn.Module):
+        def forward(self, t):
+            return t.permute(0, 2, 3, 1)
+
+    torch.manual_seed(0)
+    x = torch.rand(2, 3, 4, 4)
+    model = nn.Sequential(nn.Conv2d(3, 6, 1), ChannelsLast(), CastingLayerNorm(6), nn.Flatten(), nn.Linear(96, 3)).eval()
+    report = ns.measure(model, [(x, x + 0.1)], layers="2", progress=False)
+    assert report.meta["layers"]["2"]["channel_dim"] == 3 and report["2"].shape == (6,)
+    square = nn.Sequential(nn.Conv2d(3, 4, 1), LayerNorm2d(4), nn.Flatten(), nn.Linear(64, 3)).eval()
+    with pytest.raises(ValueError, match=r"layer '1': LayerNorm2d\(4\), a LayerNorm with its own forward, has 4 neurons, and "
+                                         r"its output \[4, 4, 4, 4\] has that many on both dim 1 and the last dim"):
+        ns.measure(square, [(x, x + 0.1)], layers="1", progress=False)
+    report = ns.measure(square, [(x, x + 0.1)], layers="1", channel_dim={"1": 1}, progress=False)
+    assert report["1"].shape == (4,)
+
+
+def test_a_sequence_first_rnn_is_refused_and_a_block_that_transposes_around_its_attention_is_not():
+    class Block(nn.Module):  # DETR-style: sequence-first attention inside a batch-first block
+        def __init__(self):
+            super().__init__()
+            self.attn = nn.MultiheadAttention(8, 2)
+            self.mlp = nn.Linear(8, 8)
+
+        def forward(self, x):
+            t = x.transpose(0, 1)
+            return self.mlp(x + self.attn(t, t, t)[0].transpose(0, 1))
+
+    torch.manual_seed(0)
+    model = nn.ModuleDict({"rnn": nn.LSTM(8, 8), "block": Block()})
+    with pytest.raises(ValueError, match=r"layer 'rnn' runs inside 'rnn', a LSTM with batch_first=False"):
+        ns.NeuronSensitivity(model, layers="rnn", channel_dim=-1, output_index=0)
+    with pytest.raises(ValueError, match=r"layer 'block.attn' runs inside 'block.attn', a MultiheadAttention"):
+        ns.NeuronSensitivity(model, layers="block.attn", output_index=0)
+    block = model["block"].eval()
+    x = torch.rand(3, 5, 8)
+    report = ns.measure(block, [(x, x + 0.1)], layers="mlp", progress=False)
+    with torch.no_grad():
+        outs = []
+        hook = block.mlp.register_forward_hook(lambda m, i, o: outs.append(o))
+        block(torch.cat([x, x + 0.1]))
+        hook.remove()
+    a, b = outs[0].chunk(2)
+    torch.testing.assert_close(report["mlp"], (a - b).abs().mean(1).mean(0).double(), rtol=1e-5, atol=1e-7)

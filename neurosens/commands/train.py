@@ -3,6 +3,9 @@ import dataclasses
 import json
 from pathlib import Path
 
+#: What a run writes into its folder (--overwrite removes these; anything else there is left alone).
+RUN_FILES = ("checkpoint.pt", "model.pt", "metrics.jsonl", "config.json", "monitor.png", "report.html")
+
 HELP = "Train a model (standard, PGD-AT, TRADES, adversarial logit pairing or SNS) with per-epoch clean/PGD evaluation and resumable checkpoints."
 
 
@@ -55,7 +58,9 @@ def add_arguments(parser):
     parser.add_argument("--gamma", type=positive, default=d.gamma, help=f"step schedule factor (default: {d.gamma})")
     parser.add_argument("--eval-steps", type=positive_int, default=d.eval_steps, help=f"PGD steps of the per-epoch evaluation (default: {d.eval_steps})")
     parser.add_argument("--eval-alpha", type=positive, help="its step size (default: 2.5 * eps / eval-steps)")
-    parser.add_argument("--eval-limit", type=count_or_zero, default=d.eval_limit, help=f"test images evaluated each epoch, 0 for no evaluation (default: {d.eval_limit})")
+    parser.add_argument("--eval-limit", type=count_or_zero, default=None,
+                        help=f"test images evaluated each epoch, 0 for no evaluation (default: {d.eval_limit}, or all of a "
+                             "smaller test set)")
     monitor = parser.add_argument_group("sensitivity while training (--monitor N)")
     monitor.add_argument("--monitor", type=count_or_zero, default=d.monitor, metavar="N",
                          help="measure per-layer sensitivity and clean/PGD accuracy on the first N test images before training, "
@@ -110,15 +115,19 @@ def run(args):
     # Every option of a run is the flag of the same name, except these spellings of the command line.
     given = vars(args) | {"milestones": tuple(args.milestones), "num_workers": args.workers, "progress": not args.no_progress,
                           "sns_layers": args.sns_layers if args.sns_layers in LAYER_PRESETS else args.sns_layers.split(",")}
-    config = TrainConfig(**{f.name: given[f.name] for f in dataclasses.fields(TrainConfig) if f.name in given})
+    config = TrainConfig(**{f.name: given[f.name] for f in dataclasses.fields(TrainConfig)
+                            if f.name in given and not (f.name == "eval_limit" and given[f.name] is None)})
     if config.monitor_tensorboard:
         require_tensorboard()  # before any data is read
     if args.resume and args.overwrite:
         raise ValueError("--resume continues the run in --out and --overwrite starts it over: give one")
-    held = [name for name in ("checkpoint.pt", "model.pt") if (Path(args.out) / name).exists()]
+    held = [name for name in RUN_FILES if (Path(args.out) / name).exists()]
     if held and not (args.resume or args.overwrite):
         raise ValueError(f"{args.out} holds a run already ({', '.join(held)}); --resume continues it, --overwrite "
                          "starts it over")
+    if held and args.overwrite:
+        for name in held:  # nothing of the old run is left beside the new one
+            (Path(args.out) / name).unlink()
     if args.threads:
         torch.set_num_threads(args.threads)
     rank, _ = init_distributed()
@@ -129,6 +138,9 @@ def run(args):
         # The test set is then never seen while training: model choices are made on the held-out images.
         train_set, test_set = train_set.split(args.val, seed=args.seed)
         eval_name, meta["val"] = "val", args.val
+    if args.eval_limit is not None and args.eval_limit > len(test_set):
+        raise ValueError(f"--eval-limit {args.eval_limit}: the {eval_name} images number {len(test_set)}; give at most "
+                         "that, or 0 for no evaluation")
     if args.train_limit:
         if args.train_limit > len(train_set):
             raise ValueError(f"--train-limit {args.train_limit}: the {args.data} training images number {len(train_set)}"
