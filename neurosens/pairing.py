@@ -33,7 +33,10 @@ _DROPOUT_LIKE = ("dropout", "droppath", "stochasticdepth", "dropblock")
 
 
 def _shared_kind(module):
-    """The class of :data:`_SHARED` whose forward ``module`` runs, or None."""
+    """The class of :data:`_SHARED` whose forward ``module`` runs (not one of its own, nor one set on
+    the instance), or None."""
+    if "forward" in vars(module):
+        return None
     return next((c for c in _SHARED if isinstance(module, c) and type(module).forward is c.forward), None)
 
 
