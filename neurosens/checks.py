@@ -51,6 +51,16 @@ def check_channel_dim(channel_dim, shape, where, what="shape"):
     return cdim
 
 
+def check_indices(indices, a, where, k=None):
+    """Given neuron indices: a 1-D int64 tensor on the device of the activations ``a``, non-empty,
+    and of ``k`` entries when ``k`` is given (the count a raw op was passed beside them)."""
+    if (indices.dim() != 1 or indices.dtype != torch.int64 or indices.device != a.device or indices.numel() == 0
+            or (k is not None and indices.numel() != k)):
+        entries = f"k={k}" if k is not None else "one or more"
+        raise ValueError(f"{where}: indices must be a 1-D int64 tensor of {entries} entries on {a.device}, got "
+                         f"{indices.dtype} of shape {list(indices.shape)} on {indices.device}")
+
+
 def check_index_range(indices, num_neurons, where, what="indices"):
     """Every entry of the int tensor ``indices`` names one of ``num_neurons`` neurons."""
     if indices.numel() == 0:

@@ -67,13 +67,28 @@ def _auto(named, auto):
 _GLOB_CHARS = set("*?[")
 
 
+_PARALLEL = (nn.DataParallel, nn.parallel.DistributedDataParallel)
+
+
+def _compiled(model):
+    """Whether ``model`` is a ``torch.compile``'d module. torch.compile imports dynamo, so without
+    it nothing is compiled; importing it here would start threads that abort a gloo process at exit."""
+    dynamo = sys.modules.get("torch._dynamo")
+    return dynamo is not None and isinstance(model, dynamo.eval_frame.OptimizedModule)
+
+
+def _wrappers(model):
+    """``model`` and the modules its DataParallel/DDP and compile wrappers hold, outermost first."""
+    yield model
+    while isinstance(model, _PARALLEL) or _compiled(model):
+        model = model.module if isinstance(model, _PARALLEL) else model._orig_mod
+        yield model
+
+
 def eager(model):
     """The module to run when hooks must fire: a ``torch.compile``'d module's original, since
     compiled code skips hooks added after it was traced (and would keep stale ones)."""
-    # torch.compile imports dynamo, so without it nothing is compiled; importing it here would start
-    # threads that abort a gloo process at exit.
-    dynamo = sys.modules.get("torch._dynamo")
-    while dynamo is not None and isinstance(model, dynamo.eval_frame.OptimizedModule):
+    while _compiled(model):
         model = model._orig_mod
     return model
 
@@ -81,10 +96,7 @@ def eager(model):
 def check_eager(model, who):
     """Refuse a ``torch.compile``'d module (also inside DataParallel/DDP) where the caller runs the
     model itself: the hooks that capture or edit its layers would not fire in compiled code."""
-    wrappers = (nn.DataParallel, nn.parallel.DistributedDataParallel)
-    while isinstance(model, wrappers):
-        model = model.module
-    if eager(model) is not model:
+    if any(_compiled(m) for m in _wrappers(model)):
         raise ValueError(f"{who}: the model is torch.compile'd, and compiled code skips the hooks that see its layers; "
                          "pass the original module (model._orig_mod) and run that one inside the block")
 
@@ -92,11 +104,8 @@ def check_eager(model, who):
 def unwrap(model):
     """The module whose names the user sees: DataParallel/DDP wrappers add a ``module.`` prefix
     and ``torch.compile`` an ``_orig_mod.`` one."""
-    wrappers = (nn.DataParallel, nn.parallel.DistributedDataParallel)
-    model = eager(model)
-    while isinstance(model, wrappers):
-        model = eager(model.module)
-    return model
+    *_, inner = _wrappers(model)
+    return inner
 
 
 def _describe(spec):

@@ -14,7 +14,7 @@ from typing import NamedTuple
 import torch
 
 from . import extension, reference
-from .checks import check_flag, check_index_range, check_metric, check_pair
+from .checks import check_flag, check_index_range, check_indices, check_metric, check_pair
 from .registration import register
 from .selection import TopK, resolve_k
 
@@ -123,8 +123,7 @@ def stabilize(a, b, k=None, indices=None, metric="l1", select_metric="l1", chann
         k = resolve_k(k, num_neurons, op)
     else:
         indices = torch.as_tensor(indices, device=a.device)
-        if indices.dim() != 1 or indices.dtype != torch.int64 or indices.numel() == 0:
-            raise ValueError(f"{op}: indices must be a non-empty 1-D int64 tensor, got {indices.dtype} of shape {list(indices.shape)}")
+        check_indices(indices, a, op)
         k = resolve_k(indices.numel(), num_neurons, op, what="len(indices)")
     if _use_extension(a):
         # The extension checks the index range itself (on the device for CUDA indices).

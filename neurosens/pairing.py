@@ -50,9 +50,10 @@ def split_dropout(model):
         rate = rate if isinstance(rate, (int, float)) else getattr(module, "drop_prob", 1)
         if not rate:
             continue
-        if _shared_kind(module) is not None and sequence_first_part(model, name) is None:
+        kind = _shared_kind(module)
+        if kind is not None and sequence_first_part(model, name) is None:
             shared.append(module)
-        elif _shared_kind(module) is not None or isinstance(module, nn.MultiheadAttention) or \
+        elif kind is not None or isinstance(module, nn.MultiheadAttention) or \
                 any(word in type(module).__name__.lower() for word in _DROPOUT_LIKE):
             unshared.append(name)
     return shared, unshared
@@ -65,15 +66,21 @@ class SharedDropout:
         with shared("joint"):
             model(torch.cat([x, x_adv]))
 
-    Afterwards ``ran`` tells whether any dropout in training mode ran, and ``forwards`` how many
-    forwards of ``model`` there were.
+    Afterwards ``pairing`` is the block's argument, ``rows`` the batch size of each forward of
+    ``model`` in it (see :func:`~neurosens.capture.forward_rows`), and ``ran`` whether any dropout
+    in training mode ran.
     """
 
     def __init__(self, model, where="SNS"):
         self.model, self.where = model, where
         self.modules, self.unshared = split_dropout(model)
-        self.ran, self.forwards = False, 0
+        self.pairing, self.rows, self.ran = None, [], False
         self._warned = set()
+
+    @property
+    def forwards(self):
+        """How many forwards of the model the last block saw."""
+        return len(self.rows)
 
     def _warn_once(self, names, why):
         names = [n for n in names if n not in self._warned]
@@ -87,8 +94,7 @@ class SharedDropout:
     def __call__(self, forward="joint"):
         if forward not in FORWARDS:
             raise ValueError(f"{self.where}: forward={forward!r} is unknown; expected one of {', '.join(FORWARDS)}")
-        self.ran, self.forwards = False, 0
-        self._rows = None  # the batch size of the current forward
+        self.pairing, self.rows, self.ran = forward, [], False
         self._masks = {}  # (module, call) -> mask of the latest drawing forward
         self._calls = {}  # module -> calls in the current forward
         if self.unshared and self.model.training:
@@ -105,9 +111,8 @@ class SharedDropout:
             handle.remove()
 
     def _new_forward(self, module, args, kwargs):
-        self.forwards += 1
+        self.rows.append(forward_rows(args, kwargs))
         self._calls = {}
-        self._rows = forward_rows(args, kwargs)
 
     def _dropout_of(self, module, name, pairing):
         batched = _SHARED[_shared_kind(module)]
@@ -115,15 +120,16 @@ class SharedDropout:
         def forward(x):
             if not module.training or module.p == 0:
                 return x
-            if self._rows is not None and x.shape[0] != self._rows:
+            rows = self.rows[-1] if self.rows else None  # None: called outside a forward of the model
+            if rows is not None and x.shape[0] != rows:
                 # Its batch is not on dim 0 (the model moved it), so the halves cannot be found.
-                self._warn_once([name], f"its input of shape {list(x.shape)} does not hold the batch of {self._rows} on dim 0")
+                self._warn_once([name], f"its input of shape {list(x.shape)} does not hold the batch of {rows} on dim 0")
                 return type(module).forward(module, x)
             self.ran = True
             call = self._calls.get(module, 0)
             self._calls[module] = call + 1
             key = (module, call)
-            if pairing == "separate" and self.forwards % 2 == 0 and key in self._masks:
+            if pairing == "separate" and len(self.rows) % 2 == 0 and key in self._masks:
                 mask = self._masks[key]
                 if mask.shape[0] != x.shape[0]:
                     raise RuntimeError(f"{self.where}: the adversarial forward has {x.shape[0]} rows where the benign "

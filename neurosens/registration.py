@@ -6,7 +6,7 @@ The public ops' fake kernels check their arguments as the C++ kernels do: a call
 and real tensors is dispatched here and never reaches the C++ checks."""
 import torch
 
-from .checks import check_metric, check_pair
+from .checks import check_indices, check_metric, check_pair
 from .reference import compute_dtype
 from .selection import resolve_k
 
@@ -18,10 +18,8 @@ def _checked(op, a, b, channel_dim, metric, relative=False, k=None, indices=None
     check_metric(metric, where, relative=relative)
     if k is not None:
         resolve_k(k, a.shape[cdim], where)
-    if indices is not None and (indices.dim() != 1 or indices.dtype != torch.int64 or indices.device != a.device
-                                or indices.numel() != k):
-        raise ValueError(f"{where}: indices must be a 1-D int64 tensor of k={k} entries on {a.device}, got "
-                         f"{indices.dtype} of shape {list(indices.shape)} on {indices.device}")
+    if indices is not None:
+        check_indices(indices, a, where, k)
     return cdim
 
 

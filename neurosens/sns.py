@@ -32,7 +32,7 @@ from collections import OrderedDict
 import torch
 import torch.distributed as dist
 
-from .capture import LayerHooks, check_batch_rows, check_unchanged, drop_silent_layers, forward_rows, version_of
+from .capture import LayerHooks, check_batch_rows, check_unchanged, drop_silent_layers, version_of
 from .checks import check_metric
 from .layers import NeuronDims, check_eager, select_layers, unwrap
 from .ops import neuron_distance, stabilize
@@ -195,9 +195,7 @@ class SNSRegularizer:
         self.output_index = output_index
         self.selections = {}  # layer -> indices of the neurons stabilized last
         self._outputs = {name: [] for name in self.modules}  # layer -> [(output, its version when captured)]
-        self._rows = []  # the batch size of each forward of the whole model inside the last capture()
-        self._dropout = SharedDropout(self.root, "SNS")
-        self._pairing = None  # how the pair ran in the last capture(), its forward argument
+        self._pair_run = SharedDropout(self.root, "SNS")  # also records the forwards of the last capture()
         self._calls = 0
 
     @contextlib.contextmanager
@@ -207,17 +205,8 @@ class SNSRegularizer:
         (``x``, then ``x_adv``), so that both see one dropout mask (:mod:`neurosens.pairing`)."""
         for outs in self._outputs.values():
             outs.clear()
-        self._rows = []
-        counter = self.root.register_forward_pre_hook(self._count_forward, with_kwargs=True)
-        try:
-            with self._dropout(forward), LayerHooks(self.modules, self._keep, self.output_index) as hooks:
-                self._pairing = forward
-                yield hooks
-        finally:
-            counter.remove()
-
-    def _count_forward(self, module, args, kwargs):
-        self._rows.append(forward_rows(args, kwargs))
+        with self._pair_run(forward), LayerHooks(self.modules, self._keep, self.output_index) as hooks:
+            yield hooks
 
     def _keep(self, name, t):
         # The version counter tells later whether an in-place op overwrote the values kept here.
@@ -227,20 +216,20 @@ class SNSRegularizer:
         for t, version in self._outputs[name]:
             check_unchanged(name, t, version, "SNS")
         outs = [t for t, _ in self._outputs[name]]
-        if len(self._rows) == 1 and len(outs) > 1:
+        if len(self._pair_run.rows) == 1 and len(outs) > 1:
             raise RuntimeError(
                 f"SNS layer {name!r} ran {len(outs)} times in one forward; SNS pairs one output per forward (the "
                 "two halves of one forward of [x; x_adv], or one benign and one adversarial forward): choose a "
                 "layer that runs once per forward"
             )
         if len(outs) == 2:
-            if len(self._rows) == 2:
-                for t, rows in zip(outs, self._rows):
+            if len(self._pair_run.rows) == 2:
+                for t, rows in zip(outs, self._pair_run.rows):
                     check_batch_rows(name, t, rows, "the batch of its forward")
             return outs
         if len(outs) == 1:
-            if len(self._rows) == 1:
-                check_batch_rows(name, outs[0], self._rows[0], "the batch of one forward of [x; x_adv]")
+            if len(self._pair_run.rows) == 1:
+                check_batch_rows(name, outs[0], self._pair_run.rows[0], "the batch of one forward of [x; x_adv]")
             if outs[0].shape[0] % 2:
                 raise ValueError(f"SNS layer {name!r}: one forward of odd batch {outs[0].shape[0]} cannot be split into [x; x_adv]")
             return outs[0].chunk(2)
@@ -263,14 +252,15 @@ class SNSRegularizer:
     def loss(self):
         """``lam`` times the mean over layers of the stabilizing term of each layer's selection."""
         distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
-        if self._by_rule and self._rows:  # also after a resume, which does not record what was left out
+        if self._by_rule and self._pair_run.rows:  # also after a resume, which does not record what was left out
             for name in drop_silent_layers(self.modules, {n: len(outs) for n, outs in self._outputs.items()}, "SNS"):
                 del self._outputs[name], self.k[name]
-        if self._dropout.ran and len(self._rows) != (1 if self._pairing == "joint" else 2):
+        run = self._pair_run
+        if run.ran and len(run.rows) != (1 if run.pairing == "joint" else 2):
             raise RuntimeError(
-                f"SNS: {len(self._rows)} forward(s) ran inside capture(forward={self._pairing!r}) with dropout in training "
+                f"SNS: {len(run.rows)} forward(s) ran inside capture(forward={run.pairing!r}) with dropout in training "
                 f"mode, so the benign and adversarial inputs did not share its masks; pass "
-                f"capture(forward={'separate' if len(self._rows) == 2 else 'joint'!r})"
+                f"capture(forward={'separate' if len(run.rows) == 2 else 'joint'!r})"
             )
         select_now = self._calls % self.refresh == 0
         terms = []

@@ -165,12 +165,17 @@ def renamed(parser, old, new, nargs=None):
     parser.add_argument(old, action=Renamed, nargs=nargs, help=argparse.SUPPRESS)
 
 
+def check_at_most(flag, count, images, there, zero="0 for all"):
+    """A count of images an option gives must not pass the ``images`` there are (``there`` says
+    so in words): refused, not clipped."""
+    if count > images:
+        raise ValueError(f"{flag} {count}: {there}; give at most that{', or ' + zero if zero else ''}")
+
+
 def first_samples(dataset, args):
     """The first ``-n`` images of ``dataset`` (0: all of them). More than it has is refused when
-    given, not clipped; the command's default takes what a smaller split has."""
+    given; the command's default takes what a smaller split has."""
     if args.samples is None:
         return dataset.first(args.samples_default)
-    if args.samples > len(dataset):
-        raise ValueError(f"-n/--samples {args.samples}: the {dataset.name} split has {len(dataset)} images; give at "
-                         "most that, or 0 for all")
+    check_at_most("-n/--samples", args.samples, len(dataset), f"the {dataset.name} split has {len(dataset)} images")
     return dataset.first(args.samples)

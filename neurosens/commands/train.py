@@ -111,6 +111,7 @@ def run(args):
     from ..monitor import require_tensorboard
     from ..sns import LAYER_PRESETS
     from ..training import Trainer, TrainConfig, init_distributed, seed_everything
+    from . import check_at_most
 
     # Every option of a run is the flag of the same name, except these spellings of the command line.
     given = vars(args) | {"milestones": tuple(args.milestones), "num_workers": args.workers, "progress": not args.no_progress,
@@ -138,13 +139,12 @@ def run(args):
         # The test set is then never seen while training: model choices are made on the held-out images.
         train_set, test_set = train_set.split(args.val, seed=args.seed)
         eval_name, meta["val"] = "val", args.val
-    if args.eval_limit is not None and args.eval_limit > len(test_set):
-        raise ValueError(f"--eval-limit {args.eval_limit}: the {eval_name} images number {len(test_set)}; give at most "
-                         "that, or 0 for no evaluation")
+    if args.eval_limit is not None:
+        check_at_most("--eval-limit", args.eval_limit, len(test_set), f"the {eval_name} images number {len(test_set)}",
+                      "0 for no evaluation")
     if args.train_limit:
-        if args.train_limit > len(train_set):
-            raise ValueError(f"--train-limit {args.train_limit}: the {args.data} training images number {len(train_set)}"
-                             f"{' after --val' if args.val else ''}; give at most that")
+        check_at_most("--train-limit", args.train_limit, len(train_set), f"the {args.data} training images number "
+                      f"{len(train_set)}{' after --val' if args.val else ''}", zero=None)
         train_set = train_set.subset(args.train_limit, seed=args.seed)
     mean, std = (None, None) if args.no_normalize else datasets.stats(args.data)
     channels, size, _ = train_set.shape
